@@ -1,0 +1,84 @@
+"""The service's configuration: one typed tree, loaded from the `args:` of a `serve run` YAML.
+
+Every model size gets its own YAML in `configs/`; they share this schema. Unknown keys are rejected so a
+typo fails at start instead of being silently ignored. Ray Serve's own per-deployment options
+(`num_replicas`, `autoscaling_config`, `max_ongoing_requests`, `ray_actor_options`, ...) are passed through
+verbatim under `deployments.<name>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TINY_MODEL_SOURCE = "builtin:tiny-llama-2-chat"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(StrictModel):
+    source: str = Field(
+        description="Hugging Face model id or local checkpoint folder. "
+        f"`{TINY_MODEL_SOURCE}` builds the tiny random-weight Llama used by the CPU default.")
+    served_model_id: str = Field(description="The `model` name clients send and `/v1/models` lists.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="Weights and KV cache dtype.")
+    tensor_parallel_size: int = Field(1, ge=1, description="Ranks (GPUs, or CPU processes) per replica group.")
+    max_model_len: int = Field(4096, ge=16, description="Prompt plus completion tokens, per request.")
+    owned_by: str = Field("llama-serve", description="Shown in `/v1/models`.")
+
+
+class EngineConfig(StrictModel):
+    device: Literal["cpu", "cuda"] = Field("cuda", description="Where the ranks run; `cpu` uses gloo.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences in the running batch.")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="Prefill + decode tokens per engine step.")
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="KV-cache budget per rank in bytes; required on CPU.")
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0, le=1, description="On GPU: the share of device memory weights + KV cache may fill.")
+    cpus_per_rank: float = Field(
+        1.0, gt=0, description="On CPU: Ray CPUs reserved per rank (each rank's placement-group bundle).")
+    cpu_threads_per_rank: int | None = Field(
+        None, ge=1, description="On CPU: torch threads per rank; default leaves torch's choice.")
+    collective_timeout_s: float = Field(
+        120.0, gt=0, description="A rank that does not answer a collective in this time fails the group.")
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="An idle group exchanges a heartbeat this often, so hung ranks are noticed.")
+
+    @model_validator(mode="after")
+    def _cpu_needs_a_budget(self) -> EngineConfig:
+        if self.device == "cpu" and self.kv_cache_bytes is None:
+            raise ValueError("engine.kv_cache_bytes is required when engine.device is 'cpu'")
+        if self.heartbeat_interval_s >= self.collective_timeout_s:
+            raise ValueError("heartbeat_interval_s must be shorter than collective_timeout_s")
+        return self
+
+
+class PricingConfig(StrictModel):
+    """Per-token prices for `usage.estimated_cost`, in USD.
+
+    The reference's two examples imply different prices (they were taken a year apart), so the defaults are a
+    round $0.20 per million tokens each way; set your own per config.
+    """
+
+    input_per_million_tokens: float = Field(0.2, ge=0)
+    output_per_million_tokens: float = Field(0.2, ge=0)
+
+
+class DeploymentOptions(StrictModel):
+    """Ray Serve options for the three deployments, passed to `.options(**...)` unchanged."""
+
+    ingress: dict[str, Any] = Field(default_factory=dict)
+    stage: dict[str, Any] = Field(default_factory=dict)
+    replica: dict[str, Any] = Field(default_factory=dict)
+
+
+class AppConfig(StrictModel):
+    model: ModelConfig
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    deployments: DeploymentOptions = Field(default_factory=DeploymentOptions)

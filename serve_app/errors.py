@@ -1,0 +1,204 @@
+"""Typed errors inside the service, and the one place that turns them into OpenAI error bodies and HTTP.
+
+Code that finds a problem raises a `ServiceError` subclass; the ingress hands whatever it caught to
+`error_response()` before the first byte of a response, or to `sse_error_event()` once a stream has begun.
+Each subclass carries its HTTP status, OpenAI error `type` and `code`. A pydantic `ValidationError` becomes
+an `InvalidRequestError` naming the offending field; any other exception becomes an `InternalError` whose
+body says nothing about the failure, so tracebacks and internals never reach a client (log them instead).
+"""
+
+import json
+import math
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from serve_app.protocol import ErrorBody, ErrorResponse
+
+
+class ServiceError(Exception):
+    """Base of the errors a client can be told about: a message, and the request field it concerns."""
+
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+    retry_after: float | None = None  # seconds; sent as the Retry-After header when set
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(ServiceError):
+    """The request is malformed or asks for something this service cannot do."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """The prompt plus the requested completion do not fit in the model's context."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+        if max_tokens is None:
+            # Without max_tokens the completion gets the rest of the context, so only the prompt can be
+            # too long: it leaves no room at all.
+            detail = (
+                f"However, your messages resulted in {prompt_tokens} tokens, leaving no room for the "
+                "completion. Please reduce the length of the messages."
+            )
+        else:
+            detail = (
+                f"However, you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"messages, {max_tokens} in the completion). Please reduce the length of the messages "
+                "or completion."
+            )
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens. {detail}", param="messages"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.max_model_len = max_model_len
+
+
+class AuthenticationError(ServiceError):
+    """The API key is missing or wrong."""
+
+    status_code = 401
+    error_type = "invalid_request_error"  # what OpenAI sends for a bad key
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(ServiceError):
+    """The request names a model this deployment does not serve."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist.", param="model")
+
+
+class NotFoundError(ServiceError):
+    """No route matches the URL."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class MethodNotAllowedError(ServiceError):
+    """The route exists but not for this HTTP method."""
+
+    status_code = 405
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(ServiceError):
+    """The request body is larger than the ingress accepts."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class RateLimitError(ServiceError):
+    """The client sent more than its share; it may retry after `retry_after` seconds."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailableError(ServiceError):
+    """The service cannot take the request now (overloaded, starting, draining)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InternalError(ServiceError):
+    """A failure of the service itself. The body stays generic; the cause belongs in the logs."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self) -> None:
+        super().__init__("The server had an error while processing your request.")
+
+
+def from_validation_error(exc: ValidationError) -> InvalidRequestError:
+    """The first problem pydantic found, as an error naming its field (`messages.0.role`, `temperature`)."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    path = [str(part) for part in first["loc"]]
+    # Errors raised by the protocol's own validators carry the field they concern, relative to where they
+    # were raised (a model validator has no location of its own).
+    extra = (first.get("ctx") or {}).get("param")
+    if extra:
+        path.append(extra)
+    param = ".".join(path) or None
+
+    if param is None:
+        message = f"Invalid request body: {first['msg']}."
+    elif first["type"] == "missing":
+        message = f"Missing required parameter: '{param}'."
+    else:
+        message = f"Invalid '{param}': {first['msg']}{_shown_input(first['input'])}."
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in the request.)"
+    return InvalidRequestError(message, param=param)
+
+
+def _shown_input(value: Any) -> str:
+    """` (got 3)` for a short scalar input; nothing for long or structured ones, which would flood the
+    message (and echo the conversation back)."""
+    if isinstance(value, bool | int | float | str):
+        shown = json.dumps(value)
+        if len(shown) <= 40:
+            return f" (got {shown})"
+    return ""
+
+
+def to_service_error(exc: BaseException) -> ServiceError:
+    """The typed error that `exc` stands for; unknown exceptions become an `InternalError`."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return from_validation_error(exc)
+    return InternalError()
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """OpenAI's `{"error": {"message", "type", "param", "code"}}` for `exc`."""
+    error = to_service_error(exc)
+    body = ErrorBody(message=error.message, type=error.error_type, param=error.param, code=error.code)
+    return ErrorResponse(error=body).model_dump()
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The HTTP response for `exc` when nothing has been sent yet: its status, body and Retry-After."""
+    error = to_service_error(exc)
+    headers = {}
+    if error.retry_after is not None:
+        # Retry-After takes whole seconds; round up so that a client never retries too early.
+        headers["Retry-After"] = str(math.ceil(error.retry_after))
+    return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
+
+
+def sse_error_event(exc: BaseException) -> str:
+    """One server-sent event reporting `exc` after a stream has begun; the stream ends after it."""
+    return f"data: {json.dumps(error_body(exc))}\n\n"

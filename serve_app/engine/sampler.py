@@ -1,0 +1,313 @@
+"""The sampler: one step's logits in, one next token per sequence out, all on the logits' device.
+
+In: logits `[B, V]` (the last position of each of the B sequences that sample this step) and a
+`SamplingBatch`, the rows' `SamplingParams` turned into tensors once per step by `SamplingBatch.build`.
+Out: a `SamplerOutput` of token ids and, when a row asked, log-probs: the only things that leave the device.
+
+Each stage is a small pure tensor function over the whole batch (gpt-fast style), in this order:
+
+    logit_bias → repetition penalty → frequency/presence penalties      `process_logits`
+    → greedy rows take the argmax here
+    → temperature → top-k → top-p → softmax → min-p                     `sampling_probs`
+    → exponential race: argmax(p / q) with q ~ Exp(1)                   `sample_from_probs`
+
+A row whose parameter is off passes through that stage bit for bit unchanged, and a stage that no row uses
+is skipped entirely. Which stages run is decided in `build` from the Python params, so the step never syncs
+with the device to find out.
+
+Log-probs are the model's own: `log_softmax` of the logits as they came from the model, before bias,
+penalties, temperature and truncation. That is vLLM's default (`logprobs_mode="raw_logprobs"`); OpenAI does
+not document which distribution it reports. The model's distribution means the same thing whatever a
+request's sampling settings, and stays informative for greedy rows, whose processed distribution would be a
+single token.
+
+Penalty counts are rebuilt from the token id lists every step (host → device ids, O(total tokens)). Keeping
+the counts on the device per sequence and adding each sampled token is the next step if that shows up in
+profiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from serve_app.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-step sampling tensors for the B rows being sampled, all on the logits' device.
+
+    A tensor field is None when no row in the batch uses that stage, and the stage is then skipped. Rows
+    with the stage off carry its neutral value (temperature 1, top_k V, top_p 1, min_p 0, penalty 1 or 0).
+    Greedy rows carry neutral sampling values: they take their argmax before temperature.
+    """
+
+    batch_size: int
+    vocab_size: int
+    all_greedy: bool
+    greedy: torch.Tensor | None  # bool [B]; set only when greedy and sampled rows are mixed
+    logit_bias_index: torch.Tensor | None  # int64 [N]: row * V + token, one entry per (row, token) bias
+    logit_bias_value: torch.Tensor | None  # float32 [N]
+    repetition_penalty: torch.Tensor | None  # float32 [B]
+    seen: torch.Tensor | None  # bool [B, V]: token occurs in the row's prompt or output
+    frequency_penalty: torch.Tensor | None  # float32 [B]
+    presence_penalty: torch.Tensor | None  # float32 [B]
+    output_counts: torch.Tensor | None  # float32 [B, V]: occurrences of each token in the row's output
+    temperature: torch.Tensor | None  # float32 [B]
+    top_k: torch.Tensor | None  # int64 [B], in [1, V]
+    max_top_k: int  # largest top_k among rows that use it
+    top_p: torch.Tensor | None  # float32 [B]
+    min_p: torch.Tensor | None  # float32 [B]
+    seeded_rows: tuple[tuple[int, torch.Generator], ...]  # sampled rows that own a generator
+    shared_noise: bool  # some sampled row has no generator and draws from the global one
+    want_logprobs: bool
+    num_top_logprobs: int  # K: the most top_logprobs any row asked for
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
+              prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
+              vocab_size: int, device: torch.device) -> SamplingBatch:
+        """Turn the rows' params into tensors on `device`.
+
+        `generators[i]` is row i's own generator (on `device`) when its request has a seed, else None; the
+        caller creates it once per request and keeps it across steps, so a seeded request draws the same
+        tokens whatever else is in the batch. Token id lists feed the penalties: the prompt's for the
+        repetition penalty only, the output's for all three.
+        """
+        batch_size = len(params)
+        assert len(generators) == len(prompt_token_ids) == len(output_token_ids) == batch_size
+
+        def per_row(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        sampled = [not p.greedy for p in params]
+        # Sampling knobs only matter on sampled rows; greedy rows get the neutral value.
+        temperatures = [p.temperature if s else 1.0 for p, s in zip(params, sampled, strict=True)]
+        top_ks = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size
+                  for p, s in zip(params, sampled, strict=True)]
+        top_ps = [p.top_p if s else 1.0 for p, s in zip(params, sampled, strict=True)]
+        min_ps = [p.min_p if s else 0.0 for p, s in zip(params, sampled, strict=True)]
+        top_k_values = [k for k in top_ks if k < vocab_size]
+
+        bias_index: list[int] = []
+        bias_value: list[float] = []
+        for row, p in enumerate(params):
+            for token, bias in p.logit_bias.items():
+                # The stage rejects ids past the vocabulary; an out-of-range index on a GPU would be a
+                # device-side assert that takes down every request on it, so refuse here too.
+                if not 0 <= token < vocab_size:
+                    raise ValueError(f"logit_bias token id {token} is outside the vocabulary of {vocab_size}")
+                bias_index.append(row * vocab_size + token)
+                bias_value.append(bias)
+
+        repetition_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        seen = None
+        if repetition_rows:
+            # Each row is listed twice, once with its prompt and once with its output, to avoid
+            # concatenating the lists on the host.
+            ids = [prompt_token_ids[i] for i in repetition_rows]
+            ids += [output_token_ids[i] for i in repetition_rows]
+            seen = _token_counts(repetition_rows * 2, ids, batch_size, vocab_size, device) > 0
+        count_rows = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
+        output_counts = None
+        if count_rows:
+            ids = [output_token_ids[i] for i in count_rows]
+            output_counts = _token_counts(count_rows, ids, batch_size, vocab_size, device).float()
+
+        all_greedy = not any(sampled)
+        mixed = not all_greedy and not all(sampled)
+        return cls(
+            batch_size=batch_size,
+            vocab_size=vocab_size,
+            all_greedy=all_greedy,
+            greedy=per_row([not s for s in sampled], torch.bool) if mixed else None,
+            logit_bias_index=per_row(bias_index, torch.int64) if bias_index else None,
+            logit_bias_value=per_row(bias_value, torch.float32) if bias_index else None,
+            repetition_penalty=(per_row([p.repetition_penalty for p in params], torch.float32)
+                                if repetition_rows else None),
+            seen=seen,
+            frequency_penalty=(per_row([p.frequency_penalty for p in params], torch.float32)
+                               if count_rows else None),
+            presence_penalty=(per_row([p.presence_penalty for p in params], torch.float32)
+                              if count_rows else None),
+            output_counts=output_counts,
+            temperature=per_row(temperatures, torch.float32) if any(t != 1.0 for t in temperatures) else None,
+            top_k=per_row(top_ks, torch.int64) if top_k_values else None,
+            max_top_k=max(top_k_values, default=0),
+            top_p=per_row(top_ps, torch.float32) if any(p < 1.0 for p in top_ps) else None,
+            min_p=per_row(min_ps, torch.float32) if any(p > 0.0 for p in min_ps) else None,
+            seeded_rows=tuple((i, g) for i, (g, s) in enumerate(zip(generators, sampled, strict=True))
+                              if s and g is not None),
+            shared_noise=any(s and g is None for g, s in zip(generators, sampled, strict=True)),
+            want_logprobs=any(p.logprobs or p.top_logprobs > 0 for p in params),
+            num_top_logprobs=min(max((p.top_logprobs for p in params), default=0), vocab_size),
+        )
+
+
+def _token_counts(rows: list[int], token_ids: list[list[int]], batch_size: int, vocab_size: int,
+                  device: torch.device) -> torch.Tensor:
+    """Occurrences of each token id per row, int64 `[B, V]`; `token_ids[n]` are ids of row `rows[n]`.
+
+    The ragged id lists travel to the device as one flat tensor (not B * V counts), and one bincount over
+    `row * V + id` counts them there.
+    """
+    ids = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.int64)
+    row_of_id = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64),
+                                        torch.tensor([len(t) for t in token_ids], dtype=torch.int64))
+    flat = (row_of_id * vocab_size + ids).to(device)
+    return torch.bincount(flat, minlength=batch_size * vocab_size).view(batch_size, vocab_size)
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    """What one step's sampling hands back, still on the device.
+
+    Log-probs are of the model's raw distribution (see the module docstring). `logprobs` is None when no
+    row asked for log-probs; the top-logprob pair is None when no row asked for any top_logprobs, and
+    otherwise `[B, K]` with K the largest top_logprobs in the batch, best first: a row that asked for fewer
+    reads its first top_logprobs columns.
+    """
+
+    token_ids: torch.Tensor  # int64 [B]
+    logprobs: torch.Tensor | None  # float32 [B]: log-prob of the chosen token
+    top_logprob_ids: torch.Tensor | None  # int64 [B, K]
+    top_logprob_values: torch.Tensor | None  # float32 [B, K]
+
+
+def apply_logit_bias(logits: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Add `value[n]` to the logit at flat position `index[n]` (row * V + token); nothing else changes."""
+    return logits.reshape(-1).index_add(0, index, value).view_as(logits)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL's repetition penalty on seen tokens: divide positive logits by the penalty, multiply negative.
+
+    Scaling toward zero from both sides is what makes a penalty > 1 always make a token less likely.
+    """
+    penalty = penalty[:, None]
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_frequency_presence_penalties(logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor,
+                                       presence: torch.Tensor) -> torch.Tensor:
+    """OpenAI's additive penalties on generated tokens.
+
+    `logit -= count * frequency + (count > 0) * presence`, with count the token's occurrences in the output.
+    """
+    return logits - (counts * frequency[:, None] + (counts > 0) * presence[:, None])
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    return logits / temperature[:, None]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, max_top_k: int,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set to -inf every logit below the row's cutoff: the k-th best logit, then the nucleus edge.
+
+    top-k keeps the tokens at least as large as the k-th largest logit (ties at the edge all stay). top-p then
+    keeps, of what top-k left, the smallest best-first set whose probability reaches top_p, which always
+    includes the best token; its cutoff is the logit of the last token of that set, so ties stay there too.
+    Off rows (top_k = V, top_p = 1) get a cutoff no logit is below.
+    """
+    vocab_size = logits.shape[-1]
+    if top_p is None:
+        assert top_k is not None
+        # Without top-p, the best max_top_k logits are all that is needed: cheaper than a full sort.
+        best = logits.topk(max_top_k, dim=-1).values
+        kth = best.gather(1, (top_k.clamp(max=max_top_k) - 1)[:, None])
+        cutoff = torch.where((top_k < vocab_size)[:, None], kth, float("-inf"))
+        return logits.masked_fill(logits < cutoff, float("-inf"))
+
+    ordered = logits.sort(dim=-1, descending=True).values
+    cutoff = torch.full_like(ordered[:, :1], float("-inf"))
+    if top_k is not None:
+        cutoff = ordered.gather(1, (top_k - 1)[:, None])
+        ordered = ordered.masked_fill(ordered < cutoff, float("-inf"))
+    mass = ordered.softmax(dim=-1).cumsum(dim=-1)
+    # The nucleus is every token before the running mass reaches top_p, plus the one that reaches it.
+    size = ((mass < top_p[:, None]).sum(dim=-1, keepdim=True) + 1).clamp(max=vocab_size)
+    # A row with top_p = 1 must keep everything even where the float32 sum reaches 1 before the tail.
+    nucleus_cutoff = torch.where(top_p[:, None] < 1.0, ordered.gather(1, size - 1), float("-inf"))
+    cutoff = torch.maximum(cutoff, nucleus_cutoff)
+    return logits.masked_fill(logits < cutoff, float("-inf"))
+
+
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero the tokens less likely than min_p times the row's most likely token (left unnormalised)."""
+    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return probs.masked_fill(probs < threshold, 0.0)
+
+
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Bias and penalties: the logits greedy rows take their argmax of, and sampled rows start from."""
+    if batch.logit_bias_index is not None:
+        logits = apply_logit_bias(logits, batch.logit_bias_index, batch.logit_bias_value)
+    if batch.seen is not None:
+        logits = apply_repetition_penalty(logits, batch.seen, batch.repetition_penalty)
+    if batch.output_counts is not None:
+        logits = apply_frequency_presence_penalties(logits, batch.output_counts, batch.frequency_penalty,
+                                                    batch.presence_penalty)
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution sampled rows draw from, up to a factor per row (min-p leaves it unnormalised)."""
+    if batch.temperature is not None:
+        logits = apply_temperature(logits, batch.temperature)
+    if batch.top_k is not None or batch.top_p is not None:
+        logits = apply_top_k_top_p(logits, batch.top_k, batch.max_top_k, batch.top_p)
+    probs = logits.softmax(dim=-1)
+    if batch.min_p is not None:
+        probs = apply_min_p(probs, batch.min_p)
+    return probs
+
+
+def sample_from_probs(probs: torch.Tensor, seeded_rows: tuple[tuple[int, torch.Generator], ...],
+                      shared_noise: bool) -> torch.Tensor:
+    """One token per row, drawn with probability proportional to `probs`, by the exponential race.
+
+    argmax(p / q) with q ~ Exp(1) i.i.d. picks token i with probability p_i / sum(p) (Gumbel-max in another
+    form): no normalising, no cumsum, and each row's draw uses only its own row of noise. A seeded row's
+    noise comes from its own generator alone, so its tokens do not depend on the rest of the batch; the
+    other rows share one draw from the global generator. Zero-probability tokens never win, because
+    exponential_ never returns 0. Rows with neither (greedy rows in a batch whose sampled rows are all
+    seeded) race against uninitialised noise, and their result is discarded by the caller.
+    """
+    noise = torch.empty_like(probs)
+    if shared_noise:
+        noise.exponential_()
+    for row, generator in seeded_rows:
+        noise[row].exponential_(generator=generator)
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """Sample one next token per row of `logits` `[B, V]` (any float dtype; worked on in float32).
+
+    Greedy rows get exactly `argmax` of their biased and penalised logits (ties to the lowest id). The
+    caller's logits are not modified.
+    """
+    assert logits.shape == (batch.batch_size, batch.vocab_size), (logits.shape, batch.batch_size,
+                                                                   batch.vocab_size)
+    logits = logits.float()
+    raw_logprobs = logits.log_softmax(dim=-1) if batch.want_logprobs else None
+    logits = process_logits(logits, batch)
+    if batch.all_greedy:
+        token_ids = logits.argmax(dim=-1)
+    else:
+        token_ids = sample_from_probs(sampling_probs(logits, batch), batch.seeded_rows, batch.shared_noise)
+        if batch.greedy is not None:
+            token_ids = torch.where(batch.greedy, logits.argmax(dim=-1), token_ids)
+
+    if raw_logprobs is None:
+        return SamplerOutput(token_ids, None, None, None)
+    chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    if batch.num_top_logprobs == 0:
+        return SamplerOutput(token_ids, chosen, None, None)
+    top = raw_logprobs.topk(batch.num_top_logprobs, dim=-1)
+    return SamplerOutput(token_ids, chosen, top.indices, top.values)

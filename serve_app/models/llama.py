@@ -1,0 +1,127 @@
+"""Llama's forward pass over a paged KV cache, on the Hugging Face module tree.
+
+The model is built by `transformers` (`from_pretrained`) and, with tensor parallelism, sharded afterwards by
+DeepSpeed AutoTP (q/k/v/gate/up split by output, o_proj/down_proj/lm_head all-reduced). This file never knows
+about the sharding: it calls the same submodules and reads the local head count off the weights. What it
+replaces is only the attention's memory: instead of a padded per-batch cache, keys and values live in the
+paged `KVCache` and every step is ragged — a flat list of tokens from many sequences, no padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from serve_app.engine.kv_cache import KVCache
+
+
+@dataclass
+class AttentionBatch:
+    """Where each sequence's tokens sit in the flat step, and how much context each one has.
+
+    `query_starts[b]:query_starts[b+1]` are sequence b's tokens in this step; `context_lens[b]` is its cache
+    length after this step (so its first new token is at position `context_lens[b] - query_len`).
+    """
+
+    query_starts: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor  # [B, max_blocks], padded with 0
+    slots: torch.Tensor  # [T] flat cache slot of every token in the step
+    # Decode rows (one query token with earlier context) are attended in one batched call.
+    decode_rows: list[int]
+    decode_context_lens: torch.Tensor  # [len(decode_rows)]
+
+    @classmethod
+    def build(cls, query_starts: list[int], context_lens: list[int], block_tables: torch.Tensor,
+              slots: torch.Tensor) -> AttentionBatch:
+        decode_rows = [b for b in range(len(context_lens))
+                       if query_starts[b + 1] - query_starts[b] == 1 and context_lens[b] > 1]
+        return cls(query_starts, context_lens, block_tables, slots, decode_rows,
+                   torch.tensor([context_lens[b] for b in decode_rows], device=block_tables.device))
+
+
+def layout(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(num_layers, kv heads on this rank, head_dim) of a possibly-sharded Llama."""
+    first = model.model.layers[0].self_attn
+    head_dim = first.head_dim
+    return len(model.model.layers), first.k_proj.weight.shape[0] // head_dim, head_dim
+
+
+@torch.inference_mode()
+def forward(model: torch.nn.Module, kv_cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor,
+            batch: AttentionBatch, sample_rows: torch.Tensor) -> torch.Tensor:
+    """Run one ragged step; return logits `[len(sample_rows), vocab]` for the tokens that sample."""
+    decoder = model.model
+    hidden = decoder.embed_tokens(input_ids).unsqueeze(0)  # [1, T, H]: HF modules expect a batch axis
+    cos, sin = decoder.rotary_emb(hidden, positions.unsqueeze(0))
+    for index, layer in enumerate(decoder.layers):
+        residual = hidden
+        hidden = layer.input_layernorm(hidden)
+        hidden = _attention(layer.self_attn, index, hidden, cos, sin, kv_cache, batch)
+        hidden = residual + hidden
+        residual = hidden
+        hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+    # Only the rows that sample need the final norm and the (large) vocabulary projection.
+    hidden = decoder.norm(hidden[:, sample_rows])
+    return model.lm_head(hidden)[0].float()
+
+
+def _attention(attn: torch.nn.Module, layer_index: int, hidden: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, kv_cache: KVCache, batch: AttentionBatch) -> torch.Tensor:
+    num_tokens = hidden.shape[1]
+    head_dim = attn.head_dim
+    q = attn.q_proj(hidden).view(1, num_tokens, -1, head_dim).transpose(1, 2)  # [1, Hq, T, D]
+    k = attn.k_proj(hidden).view(1, num_tokens, -1, head_dim).transpose(1, 2)
+    v = attn.v_proj(hidden).view(1, num_tokens, -1, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = q[0], k[0], v[0]  # [heads, T, D]
+    kv_cache.write(layer_index, batch.slots, k.transpose(0, 1), v.transpose(0, 1))
+
+    out = torch.empty_like(q)
+    gqa = q.shape[0] != k.shape[0]
+    decode_rows = set(batch.decode_rows)
+    for b, context_len in enumerate(batch.context_lens):
+        if b in decode_rows:
+            continue
+        start, stop = batch.query_starts[b], batch.query_starts[b + 1]
+        query_len = stop - start
+        if query_len == context_len:  # the whole context is in this step: no cache read needed
+            keys, values = k[:, start:stop], v[:, start:stop]
+        else:
+            keys, values = kv_cache.read(layer_index, batch.block_tables[b], context_len)
+            keys, values = keys.transpose(0, 1), values.transpose(0, 1)
+        mask = None
+        if query_len > 1:
+            first_position = context_len - query_len
+            key_pos = torch.arange(context_len, device=q.device)
+            query_pos = torch.arange(first_position, context_len, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+        out[:, start:stop] = F.scaled_dot_product_attention(
+            q[:, start:stop], keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
+
+    if batch.decode_rows:
+        _batched_decode_attention(attn, layer_index, q, out, kv_cache, batch, gqa)
+
+    attn_out = out.transpose(0, 1).reshape(1, num_tokens, -1)
+    return attn.o_proj(attn_out)
+
+
+def _batched_decode_attention(attn: torch.nn.Module, layer_index: int, q: torch.Tensor, out: torch.Tensor,
+                              kv_cache: KVCache, batch: AttentionBatch, gqa: bool) -> None:
+    """One attention call for all single-token rows: gather their blocks, mask each past its length."""
+    rows = torch.tensor([batch.query_starts[b] for b in batch.decode_rows], device=q.device)
+    lens = batch.decode_context_lens
+    max_blocks = -(-int(lens.max()) // kv_cache.shape.block_size)
+    tables = batch.block_tables[batch.decode_rows, :max_blocks]
+    num_rows = len(batch.decode_rows)
+    shape = (num_rows, max_blocks * kv_cache.shape.block_size, kv_cache.shape.num_kv_heads, -1)
+    keys = kv_cache.keys[layer_index][tables].view(shape).transpose(1, 2)  # [R, Hkv, L, D]
+    values = kv_cache.values[layer_index][tables].view(shape).transpose(1, 2)
+    valid = torch.arange(keys.shape[2], device=q.device)[None, :] < lens[:, None]  # [R, L]
+    queries = q[:, rows].transpose(0, 1).unsqueeze(2)  # [R, Hq, 1, D]
+    result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid[:, None, None, :],
+                                            scale=attn.scaling, enable_gqa=gqa)
+    out[:, rows] = result.squeeze(2).transpose(0, 1)

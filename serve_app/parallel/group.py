@@ -112,7 +112,8 @@ class RayFollowers:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         placement_group = ray.util.get_current_placement_group()
-        resources = {"num_gpus": 1, "num_cpus": 0} if engine.device == "cuda" else {"num_cpus": 1}
+        resources = ({"num_gpus": 1, "num_cpus": 0} if engine.device == "cuda"
+                     else {"num_cpus": engine.cpus_per_rank})
         rank_actor = ray.remote(RankActor)
         self.actors = []
         self.runs = []

@@ -1,0 +1,38 @@
+"""The application builder that `serve run configs/<name>.yaml` imports.
+
+Ingress → Stage → LlamaReplica, each a Serve deployment with its own scaling. The replica reserves one
+placement-group bundle per tensor-parallel rank, so a whole group is scheduled (and scaled) as a unit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.config import AppConfig
+from serve_app.ingress import Ingress
+from serve_app.replica import LlamaReplica
+from serve_app.stage.deployment import Stage
+
+
+def replica_placement(config: AppConfig) -> dict[str, Any]:
+    """Bundles for one tensor-parallel group: rank 0 shares bundle 0 with the replica itself."""
+    tp = config.model.tensor_parallel_size
+    if config.engine.device == "cuda":
+        bundles = [{"CPU": 1, "GPU": 1}] + [{"GPU": 1}] * (tp - 1)
+        actor = {"num_cpus": 1, "num_gpus": 1}
+    else:
+        cpus = config.engine.cpus_per_rank
+        bundles = [{"CPU": cpus}] * tp
+        actor = {"num_cpus": cpus}
+    return {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK",
+            "ray_actor_options": actor}
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = AppConfig.model_validate(args)
+    replica_options = replica_placement(config) | config.deployments.replica
+    replica = LlamaReplica.options(**replica_options).bind(config)
+    stage = Stage.options(**config.deployments.stage).bind(config, replica)
+    return Ingress.options(**config.deployments.ingress).bind(config, stage, replica)

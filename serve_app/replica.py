@@ -1,0 +1,157 @@
+"""The Llama 2 replica group: one Serve replica per tensor-parallel group, wrapping the engine.
+
+Rank 0 runs in this replica's process; `build_engine` starts ranks 1..N-1 as actors in the replica's
+placement-group bundles. A single engine thread owns the engine (it is not thread-safe): it drains the
+add/abort commands, steps while there is work, and sends heartbeats while idle. Each `generate` call is an
+async stream fed by that thread; when the caller goes away (client disconnect, stop string matched) the
+stream's `finally` aborts the request, and its KV blocks are free after the engine's next command drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from serve_app.config import AppConfig
+from serve_app.engine.engine import Engine, EngineStats, build_engine
+from serve_app.engine.sequence import EngineRequest, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineFailed(RuntimeError):
+    """The engine thread died; the replica is unhealthy and Serve will replace it."""
+
+
+class EngineLoop:
+    """The thread that owns an `Engine`, and the bridge from it to asyncio streams."""
+
+    def __init__(self, engine: Engine, heartbeat_interval_s: float):
+        self.engine = engine
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._failure: BaseException | None = None
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self._failure is None
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
+        if not self.alive:
+            raise EngineFailed("the engine is not running")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), outputs)
+        self._commands.put(("add", request))
+        finished = False
+        try:
+            while not finished:
+                # Flush the first item at once; coalesce whatever else is already there into the same chunk.
+                batch = [await outputs.get()]
+                while not outputs.empty():
+                    batch.append(outputs.get_nowait())
+                for item in batch:
+                    if isinstance(item, ValueError):  # the engine refused the request itself
+                        raise item
+                    if isinstance(item, BaseException):
+                        raise EngineFailed("the engine failed while running this request") from item
+                finished = batch[-1].finished
+                yield batch
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self._commands.put(("abort", request.request_id))
+
+    def stop(self) -> None:
+        self._commands.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished()
+                if not self._drain(block):
+                    break
+                if self.engine.has_unfinished():
+                    for output in self.engine.step():
+                        self._deliver(output.request_id, output)
+                self._stats = self.engine.stats()
+            self.engine.shutdown()
+        except BaseException as exc:  # noqa: BLE001 - every stream must learn that the engine is gone
+            logger.exception("engine loop failed")
+            self._failure = exc
+            for request_id in list(self._streams):
+                self._deliver(request_id, exc)
+
+    def _drain(self, block: bool) -> bool:
+        """Apply pending commands; when idle, wait for one (heartbeating). False when asked to stop."""
+        while True:
+            try:
+                if block:
+                    command, arg = self._commands.get(timeout=self.heartbeat_interval_s)
+                    block = False
+                else:
+                    command, arg = self._commands.get_nowait()
+            except queue.Empty:
+                if block:
+                    self.engine.heartbeat()
+                    continue
+                return True
+            if command == "stop":
+                return False
+            if command == "add":
+                try:
+                    self.engine.add_request(arg.request_id, arg.prompt_token_ids, arg.params)
+                except ValueError as exc:
+                    self._deliver(arg.request_id, exc)
+            elif command == "abort":
+                self.engine.abort_request(arg)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            loop, outputs = stream
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+
+@serve.deployment(name="LlamaReplica")
+class LlamaReplica:
+    """Serve wrapper: one tensor-parallel engine per replica."""
+
+    def __init__(self, config: AppConfig):
+        logging.basicConfig(level=logging.INFO)
+        engine = build_engine(config.model, config.engine, use_ray=True)
+        self.loop = EngineLoop(engine, config.engine.heartbeat_interval_s)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
+        async for batch in self.loop.generate(request):
+            yield batch
+
+    def stats(self) -> EngineStats:
+        return self.loop.stats
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        if not self.loop.alive:
+            raise EngineFailed("the engine loop has stopped")
+        if not self.loop.engine.healthy():
+            raise EngineFailed("a tensor-parallel rank has died")
+
+    def __del__(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None and loop.alive:
+            loop.stop()

@@ -1,0 +1,34 @@
+"""Serve wrapper of the sampling/postprocessing stage: CPU-only, scaled apart from the GPU replicas."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from transformers import PreTrainedTokenizerFast
+
+from serve_app.config import AppConfig
+from serve_app.engine.sequence import EngineRequest
+from serve_app.models.checkpoint import resolve_checkpoint
+from serve_app.protocol import ChatCompletionRequest
+from serve_app.stage.chat import ChatStage, StageEvent
+
+
+@serve.deployment(name="ChatStage")
+class Stage:
+    def __init__(self, config: AppConfig, replica: DeploymentHandle):
+        logging.basicConfig(level=logging.INFO)
+        # Not AutoTokenizer: transformers 5 maps Llama checkpoints to a tokenizer class that replaces the
+        # tokenizer.json normalizer with its own and mis-encodes leading spaces (31/46 reference vectors).
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_checkpoint(config.model.source))
+        self.replica = replica
+        self.stage = ChatStage(tokenizer, config.model, config.pricing, self._generate)
+
+    def _generate(self, request: EngineRequest):
+        return self.replica.generate.options(stream=True).remote(request)
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[StageEvent]]:
+        async for events in self.stage.chat(request):
+            yield events

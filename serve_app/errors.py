@@ -30,6 +30,18 @@ class ServiceError(Exception):
         self.message = message
         self.param = param
 
+    def __reduce__(self):
+        # Errors cross process boundaries (stage -> ingress through Ray). The default pickling re-calls
+        # __init__ with `args`, which breaks for subclasses with other constructors; rebuild from state.
+        return _rebuild_service_error, (type(self), self.args, self.__dict__)
+
+
+def _rebuild_service_error(cls: type[ServiceError], args: tuple, state: dict[str, Any]) -> ServiceError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidRequestError(ServiceError):
     """The request is malformed or asks for something this service cannot do."""

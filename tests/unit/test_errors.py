@@ -188,3 +188,16 @@ def test_sse_error_event() -> None:
             "code": "service_unavailable",
         }
     }
+
+
+def test_errors_survive_pickling_between_deployments():
+    """The stage's errors reach the ingress through Ray, i.e. through pickle, with their fields intact."""
+    import pickle
+
+    from serve_app.errors import ContextLengthExceededError, RateLimitError
+
+    error = pickle.loads(pickle.dumps(ContextLengthExceededError(4000, 200, 4096)))
+    assert isinstance(error, ContextLengthExceededError)
+    assert error_body(error)["error"]["code"] == "context_length_exceeded"
+    assert "4200" in error.message and "4000" in error.message
+    assert pickle.loads(pickle.dumps(RateLimitError("slow down", retry_after=2))).retry_after == 2

@@ -1,0 +1,223 @@
+"""The real app on a local Ray cluster, driven like a user would: the official `openai` client and raw HTTP.
+
+Two applications run side by side: the CPU default (`configs/tiny.yaml`, tp=2) at `/`, and the same model at
+tp=1 under `/tp1`, so greedy outputs of both can be checked against `transformers`' `generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from serve_app.protocol import ChatMessage
+from serve_app.stage.chat_template import render_chat_prompt
+from serve_app.stage.detokenizer import IncrementalDetokenizer
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+PORT = 8123
+BASE = f"http://127.0.0.1:{PORT}"
+MODEL = "tiny-llama-2-chat"
+
+HELLO = [{"role": "user", "content": "Hello!"}]
+CHEF = [
+    {"role": "system", "content": "Respond like a michelin starred chef."},
+    {"role": "user", "content": "Can you name at least two different techniques to cook lamb?"},
+    {"role": "assistant", "content": "Bonjour! Let me tell you, my friend, cooking lamb is an art form."},
+    {"role": "user", "content": "Tell me more about the second method."},
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    app_config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"][0]
+    args = app_config["args"]
+    tp1_args = copy.deepcopy(args)
+    tp1_args["model"]["tensor_parallel_size"] = 1
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(args), name="tp2", route_prefix="/", blocking=False)
+    serve.run(build_app(tp1_args), name="tp1", route_prefix="/tp1", blocking=False)
+    _wait_until_healthy(f"{BASE}/health")
+    _wait_until_healthy(f"{BASE}/tp1/health")
+    yield BASE
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _wait_until_healthy(url: str, timeout: float = 240.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+# -- the reference's three requests, with curl-like raw HTTP -----------------------------------------------
+
+
+def test_models_lists_the_served_model(server):
+    body = httpx.get(f"{server}/v1/models").json()
+    assert body["object"] == "list"
+    (card,) = body["data"]
+    assert card["id"] == MODEL and card["object"] == "model" and card["max_model_len"] == 1024
+    assert isinstance(card["created"], int) and card["owned_by"] and Path(card["root"]).is_dir()
+
+
+def test_plain_chat_has_the_reference_shape(server):
+    response = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": HELLO,
+                                                                  "max_tokens": 12}, timeout=60)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert isinstance(body["created"], int) and body["model"] == MODEL
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == 10  # <s>[INST] Hello! [/INST] in the Llama 2 vocabulary
+    assert usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["estimated_cost"] == pytest.approx(usage["total_tokens"] * 0.2e-6)
+
+
+def test_multi_turn_chat_with_system_message(server):
+    response = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": CHEF,
+                                                                  "max_tokens": 8}, timeout=60)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["prompt_tokens"] > 40
+
+
+def test_stream_has_the_reference_sse_shape(server):
+    request = {"model": MODEL, "messages": HELLO, "stream": True, "max_tokens": 6}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=request, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    assert all(chunk["object"] == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    finishing = [chunk for chunk in chunks if chunk["choices"][0]["finish_reason"] is not None]
+    assert finishing == chunks[-1:] and finishing[0]["choices"][0]["delta"] == {}
+    assert finishing[0]["choices"][0]["finish_reason"] == "length"
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    assert text and "</s>" not in text
+
+
+# -- the official client -----------------------------------------------------------------------------------
+
+
+def test_openai_client_sync(client):
+    completion = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5)
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.usage.completion_tokens == 5 and completion.choices[0].finish_reason == "length"
+
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_openai_client_async_concurrent(server):
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+        async def one(i: int) -> str:
+            if i % 2:
+                stream = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8,
+                                                              temperature=0, stream=True)
+                return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+            completion = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8,
+                                                              temperature=0)
+            return completion.choices[0].message.content
+
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    texts = asyncio.run(run())
+    assert len(set(texts)) == 1 and texts[0]  # greedy: every concurrent request, streamed or not, agrees
+
+
+# -- greedy equals transformers' generate, tp=2 and tp=1 ----------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "/tp1"])
+@pytest.mark.parametrize("messages", [HELLO, CHEF], ids=["hello", "chef"])
+def test_temperature_zero_equals_transformers_generate(server, tiny_checkpoint, prefix, messages):
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    prompt = render_chat_prompt([ChatMessage.model_validate(m) for m in messages],
+                                lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                tokenizer.bos_token_id, tokenizer.eos_token_id)
+    with torch.no_grad():
+        generated = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
+                                   attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    new_ids = generated[0, len(prompt):].tolist()
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    expected = detokenizer.push(new_ids) + detokenizer.flush()
+
+    client = openai.OpenAI(base_url=f"{server}{prefix}/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    assert completion.usage.prompt_tokens == len(prompt)
+    assert completion.usage.completion_tokens == len(new_ids)
+    assert completion.choices[0].message.content == expected
+
+
+# -- errors keep the service serving ------------------------------------------------------------------------
+
+
+def test_errors_are_openai_shaped_and_the_next_request_succeeds(server, client):
+    def post(body, **kwargs):
+        return httpx.post(f"{server}/v1/chat/completions", timeout=60, **({"json": body} | kwargs))
+
+    too_long = post({"model": MODEL, "messages": [{"role": "user", "content": "word " * 1100}]})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+
+    bad_temperature = post({"model": MODEL, "messages": HELLO, "temperature": 3})
+    assert bad_temperature.status_code == 400 and bad_temperature.json()["error"]["param"] == "temperature"
+
+    unknown_model = post({"model": "gpt-4", "messages": HELLO})
+    assert unknown_model.status_code == 404 and unknown_model.json()["error"]["code"] == "model_not_found"
+
+    not_json = httpx.post(f"{server}/v1/chat/completions", content=b"{nope", timeout=30,
+                          headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and set(not_json.json()["error"]) == {"message", "type", "param", "code"}
+
+    assert httpx.get(f"{server}/v1/nothing-here").status_code == 404
+
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, top_p=0)
+    assert client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2).usage.completion_tokens == 2

@@ -1,0 +1,124 @@
+"""Engine-only throughput beside `transformers` `generate`, on the same checkpoint, in one run.
+
+Measures output tokens/s of the engine (no Ray, no HTTP) with 1, 8 and 32 concurrent sequences, and of
+`generate` one request at a time and as one static batch of 32. Every request has the same prompt length and
+generates exactly `--output-len` tokens (EOS ignored), so the figures compare like with like.
+
+    python scripts/bench_engine.py                      # CPU, the tiny default checkpoint
+    python scripts/bench_engine.py --out bench.json     # also write the figures as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from serve_app.config import TINY_MODEL_SOURCE, EngineConfig, ModelConfig
+from serve_app.engine.engine import Engine, build_engine
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.models.checkpoint import resolve_checkpoint
+
+
+def prompts(count: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, 32000) for _ in range(length - 1)] for _ in range(count)]
+
+
+def run_engine(engine: Engine, batch: list[list[int]], output_len: int) -> float:
+    """Output tokens/s for `batch` submitted at once and run to completion."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for index, prompt in enumerate(batch):
+        engine.add_request(f"bench-{time.monotonic_ns()}-{index}", prompt, params)
+    produced = 0
+    started = time.perf_counter()
+    while engine.has_unfinished():
+        produced += sum(len(output.new_token_ids) for output in engine.step())
+    elapsed = time.perf_counter() - started
+    assert produced == len(batch) * output_len
+    return produced / elapsed
+
+
+def run_generate(model, batch: list[list[int]], output_len: int) -> float:
+    """Output tokens/s of one `generate` call over `batch` (equal lengths: no padding needed)."""
+    inputs = torch.tensor(batch, device=model.device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=output_len,
+                             min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+    elapsed = time.perf_counter() - started
+    assert out.shape[1] - inputs.shape[1] == output_len
+    return len(batch) * output_len / elapsed
+
+
+def median_of(repeats: int, measure) -> float:
+    return statistics.median(measure() for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default=TINY_MODEL_SOURCE, help="checkpoint folder or hub id")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--one-at-a-time-requests", type=int, default=4)
+    parser.add_argument("--static-batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="median of this many runs per figure")
+    parser.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="CPU only")
+    parser.add_argument("--out", help="write the figures here as JSON")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model_config = ModelConfig(source=args.source, served_model_id="bench", dtype=args.dtype,
+                               tensor_parallel_size=1, max_model_len=4096)
+    engine_config = EngineConfig(
+        device=args.device, max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
+        kv_cache_bytes=args.kv_cache_bytes if args.device == "cpu" else None)
+    engine = build_engine(model_config, engine_config)
+    hf_model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.source),
+                                                    dtype=getattr(torch, args.dtype)).to(args.device).eval()
+
+    results: dict[str, float] = {}
+    run_engine(engine, prompts(2, args.prompt_len, seed=99), 8)  # warm-up
+    run_generate(hf_model, prompts(1, args.prompt_len, seed=99), 8)
+    for concurrency in args.concurrency:
+        batch = prompts(concurrency, args.prompt_len, seed=concurrency)
+        results[f"engine_c{concurrency}"] = median_of(args.repeats,
+                                                      lambda: run_engine(engine, batch, args.output_len))
+        print(f"engine, {concurrency:>3} concurrent: {results[f'engine_c{concurrency}']:9.1f} tok/s", flush=True)
+
+    singles = prompts(args.one_at_a_time_requests, args.prompt_len, seed=7)
+    one_at_a_time = [run_generate(hf_model, [prompt], args.output_len) for prompt in singles]
+    results["generate_one_at_a_time"] = statistics.median(one_at_a_time)
+    print(f"generate, one at a time: {results['generate_one_at_a_time']:9.1f} tok/s", flush=True)
+    static = prompts(args.static_batch, args.prompt_len, seed=args.static_batch)
+    results[f"generate_static_batch_{args.static_batch}"] = median_of(
+        args.repeats, lambda: run_generate(hf_model, static, args.output_len))
+    print(f"generate, static batch of {args.static_batch}: "
+          f"{results[f'generate_static_batch_{args.static_batch}']:9.1f} tok/s", flush=True)
+
+    top = max(args.concurrency)
+    if top == args.static_batch:
+        results["ratio_vs_static_batch"] = results[f"engine_c{top}"] / results[f"generate_static_batch_{top}"]
+        results["ratio_vs_one_at_a_time"] = results[f"engine_c{top}"] / results["generate_one_at_a_time"]
+        print(f"engine at {top} / static batch: {results['ratio_vs_static_batch']:.2f}x (target >= 0.9)")
+        print(f"engine at {top} / one at a time: {results['ratio_vs_one_at_a_time']:.1f}x (target >= 10)")
+    environment = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
+                   "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
+                   "output_len": args.output_len, "source": args.source}
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"results": results, "environment": environment}, handle, indent=2)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -167,9 +167,15 @@ class Engine:
         return self.followers is None or self.followers.healthy()
 
     def shutdown(self) -> None:
-        self.runner.shutdown()
-        if self.followers is not None:
-            self.followers.join()
+        """Stop the followers and leave the process group; safe to call after a rank has died."""
+        from serve_app.parallel.group import leave_group
+
+        try:
+            self.runner.shutdown()
+        finally:
+            if self.followers is not None:
+                self.followers.join()
+            leave_group()
 
 
 def build_engine(model: ModelConfig, engine: EngineConfig, *, use_ray: bool = False) -> Engine:

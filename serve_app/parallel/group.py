@@ -69,6 +69,14 @@ def join_group(address: GroupAddress, rank: int, engine: EngineConfig) -> None:
         timeout=datetime.timedelta(seconds=engine.collective_timeout_s))
 
 
+def leave_group() -> None:
+    from serve_app.parallel.worker import detach_deepspeed
+
+    if dist.is_initialized():
+        detach_deepspeed()
+        dist.destroy_process_group()
+
+
 def run_follower(address: GroupAddress, rank: int, model: ModelConfig, engine: EngineConfig) -> None:
     """The whole life of a rank > 0: join, load its shard, follow rank 0's steps until shutdown."""
     # Imported here so that spawning a process does not pay for the engine's imports twice.
@@ -79,7 +87,7 @@ def run_follower(address: GroupAddress, rank: int, model: ModelConfig, engine: E
     runner = ModelRunner(load_model(model, engine, address.world_size), model, engine, rank,
                          address.world_size)
     runner.follow()
-    dist.destroy_process_group()
+    leave_group()
 
 
 class LocalFollowers:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 
 import torch
 
@@ -52,3 +53,15 @@ def load_model(model: ModelConfig, engine: EngineConfig, world_size: int) -> tor
     sharded = deepspeed.init_inference(hf_model, tensor_parallel={"tp_size": world_size}, dtype=dtype,
                                        replace_with_kernel_inject=False)
     return sharded.module.to(device)
+
+
+def detach_deepspeed() -> None:
+    """Forget DeepSpeed's handle on a process group that is being destroyed.
+
+    DeepSpeed keeps its comm backend and its tensor-parallel group in globals; left in place, a later group
+    in the same process (a restarted engine, the next test) would be driven through the destroyed one.
+    """
+    if "deepspeed.comm.comm" in sys.modules:
+        sys.modules["deepspeed.comm.comm"].cdb = None
+    if "deepspeed.inference.engine" in sys.modules:
+        sys.modules["deepspeed.inference.engine"].InferenceEngine.inference_mp_group = None

@@ -138,3 +138,22 @@ def test_tensor_parallel_two_ranks_match_generate(tiny_checkpoint, reference):
             assert results[f"r{index}"] == reference(prompt)
     finally:
         engine.shutdown()
+
+
+def test_a_dead_rank_fails_the_group_loudly_instead_of_hanging(tiny_checkpoint):
+    import time
+
+    engine = _engine(tiny_checkpoint, tp=2)
+    engine.add_request("doomed", [1, 15043, 29991], SamplingParams(max_tokens=50, temperature=0))
+    engine.step()
+    for process in engine.followers.processes:
+        process.kill()
+        process.join()
+    assert not engine.healthy()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError):
+        while engine.has_unfinished():
+            engine.step()
+    assert time.monotonic() - started < 60  # the collective timeout, not forever
+    with pytest.raises(RuntimeError):
+        engine.shutdown()  # cannot reach the dead rank, but still leaves the process group

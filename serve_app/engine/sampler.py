@@ -28,6 +28,7 @@ profiles.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -36,7 +37,7 @@ import torch
 from serve_app.engine.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on tensor fields would be elementwise, never a bool
 class SamplingBatch:
     """Per-step sampling tensors for the B rows being sampled, all on the logits' device.
 
@@ -80,7 +81,7 @@ class SamplingBatch:
         batch_size = len(params)
         assert len(generators) == len(prompt_token_ids) == len(output_token_ids) == batch_size
 
-        def per_row(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+        def per_row(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
         sampled = [not p.greedy for p in params]
@@ -161,7 +162,7 @@ def _token_counts(rows: list[int], token_ids: list[list[int]], batch_size: int, 
     return torch.bincount(flat, minlength=batch_size * vocab_size).view(batch_size, vocab_size)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SamplerOutput:
     """What one step's sampling hands back, still on the device.
 

@@ -1,13 +1,8 @@
-"""The real app on a local Ray cluster, driven like a user would: the official `openai` client and raw HTTP.
-
-Two applications run side by side: the CPU default (`configs/tiny.yaml`, tp=2) at `/`, and the same model at
-tp=1 under `/tp1`, so greedy outputs of both can be checked against `transformers`' `generate`.
-"""
+"""The reference's requests and the official `openai` client against the real app (see conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 from pathlib import Path
 
@@ -15,7 +10,6 @@ import httpx
 import openai
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from serve_app.protocol import ChatMessage
@@ -24,9 +18,6 @@ from serve_app.stage.detokenizer import IncrementalDetokenizer
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-PORT = 8123
-BASE = f"http://127.0.0.1:{PORT}"
 MODEL = "tiny-llama-2-chat"
 
 HELLO = [{"role": "user", "content": "Hello!"}]
@@ -36,42 +27,6 @@ CHEF = [
     {"role": "assistant", "content": "Bonjour! Let me tell you, my friend, cooking lamb is an art form."},
     {"role": "user", "content": "Tell me more about the second method."},
 ]
-
-
-@pytest.fixture(scope="module")
-def server():
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    app_config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"][0]
-    args = app_config["args"]
-    tp1_args = copy.deepcopy(args)
-    tp1_args["model"]["tensor_parallel_size"] = 1
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(args), name="tp2", route_prefix="/", blocking=False)
-    serve.run(build_app(tp1_args), name="tp1", route_prefix="/tp1", blocking=False)
-    _wait_until_healthy(f"{BASE}/health")
-    _wait_until_healthy(f"{BASE}/tp1/health")
-    yield BASE
-    serve.shutdown()
-    ray.shutdown()
-
-
-def _wait_until_healthy(url: str, timeout: float = 240.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not become healthy")
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,8 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, counts: torch.Tenso
 
     `logit -= count * frequency + (count > 0) * presence`, with count the token's occurrences in the output.
     """
-    return logits - (counts * frequency[:, None] + (counts > 0) * presence[:, None])
+    # clamp(max=1) is (count > 0) for counts, without a bool tensor to convert.
+    return logits - (counts * frequency[:, None] + counts.clamp(max=1) * presence[:, None])
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -230,8 +231,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, max_top_
         cutoff = ordered.gather(1, (top_k - 1)[:, None])
         ordered = ordered.masked_fill(ordered < cutoff, float("-inf"))
     mass = ordered.softmax(dim=-1).cumsum(dim=-1)
-    # The nucleus is every token before the running mass reaches top_p, plus the one that reaches it.
-    size = ((mass < top_p[:, None]).sum(dim=-1, keepdim=True) + 1).clamp(max=vocab_size)
+    # The nucleus is every token before the running mass reaches top_p, plus the one that reaches it. The
+    # running mass never decreases, so a binary search counts the first part.
+    size = (torch.searchsorted(mass, top_p[:, None]) + 1).clamp(max=vocab_size)
     # A row with top_p = 1 must keep everything even where the float32 sum reaches 1 before the tail.
     nucleus_cutoff = torch.where(top_p[:, None] < 1.0, ordered.gather(1, size - 1), float("-inf"))
     cutoff = torch.maximum(cutoff, nucleus_cutoff)

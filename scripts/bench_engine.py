@@ -16,6 +16,7 @@ import platform
 import random
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -31,11 +32,19 @@ def prompts(count: int, length: int, seed: int) -> list[list[int]]:
     return [[1] + [rng.randrange(3, 32000) for _ in range(length - 1)] for _ in range(count)]
 
 
-def run_engine(engine: Engine, batch: list[list[int]], output_len: int) -> float:
+GREEDY = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+# Every processor on, a seed per request: the sampler's most expensive path.
+ALL_PROCESSORS = SamplingParams(max_tokens=1, temperature=0.8, top_p=0.9, top_k=50, min_p=0.05,
+                                presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2,
+                                logprobs=True, top_logprobs=5, ignore_eos=True)
+
+
+def run_engine(engine: Engine, batch: list[list[int]], output_len: int, params: SamplingParams = GREEDY) -> float:
     """Output tokens/s for `batch` submitted at once and run to completion."""
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for index, prompt in enumerate(batch):
-        engine.add_request(f"bench-{time.monotonic_ns()}-{index}", prompt, params)
+        seed = index if params.temperature > 0 else None
+        engine.add_request(f"bench-{time.monotonic_ns()}-{index}", prompt,
+                           replace(params, max_tokens=output_len, seed=seed))
     produced = 0
     started = time.perf_counter()
     while engine.has_unfinished():
@@ -94,6 +103,12 @@ def main() -> None:
         results[f"engine_c{concurrency}"] = median_of(args.repeats,
                                                       lambda: run_engine(engine, batch, args.output_len))
         print(f"engine, {concurrency:>3} concurrent: {results[f'engine_c{concurrency}']:9.1f} tok/s", flush=True)
+    top = max(args.concurrency)
+    batch = prompts(top, args.prompt_len, seed=top)
+    results[f"engine_c{top}_all_processors"] = median_of(
+        args.repeats, lambda: run_engine(engine, batch, args.output_len, ALL_PROCESSORS))
+    print(f"engine, {top:>3} concurrent, every sampling processor on: "
+          f"{results[f'engine_c{top}_all_processors']:9.1f} tok/s", flush=True)
 
     singles = prompts(args.one_at_a_time_requests, args.prompt_len, seed=7)
     one_at_a_time = [run_generate(hf_model, [prompt], args.output_len) for prompt in singles]
@@ -105,7 +120,6 @@ def main() -> None:
     print(f"generate, static batch of {args.static_batch}: "
           f"{results[f'generate_static_batch_{args.static_batch}']:9.1f} tok/s", flush=True)
 
-    top = max(args.concurrency)
     if top == args.static_batch:
         results["ratio_vs_static_batch"] = results[f"engine_c{top}"] / results[f"generate_static_batch_{top}"]
         results["ratio_vs_one_at_a_time"] = results[f"engine_c{top}"] / results["generate_one_at_a_time"]

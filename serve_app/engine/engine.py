@@ -21,7 +21,7 @@ import torch
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.kv_cache import BlockManager
 from serve_app.engine.model_runner import ModelRunner, StepInput
-from serve_app.engine.sampler import SamplingBatch, sample
+from serve_app.engine.sampler import PenaltyTable, SamplingBatch, sample, uses_penalties
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from serve_app.engine.sequence import RequestOutput, Sequence, TokenLogprob
@@ -49,6 +49,7 @@ class Engine:
         self.followers = followers  # LocalFollowers / RayFollowers for ranks > 0, or None at tp=1
         self.num_preemptions = 0
         self._sequences: dict[str, Sequence] = {}
+        self.penalties = PenaltyTable(limits.max_num_seqs, runner.vocab_size, runner.device)
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -70,6 +71,7 @@ class Engine:
         if seq is None:
             return False
         self.scheduler.abort(request_id)
+        self.penalties.release(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -85,15 +87,26 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
+        for seq in scheduled.preempted:
+            self.penalties.release(seq.request_id)  # refilled from its token ids when it resumes
         if not scheduled.chunks:
             return []
         step_input, sampling_seqs = self._prepare(scheduled)
         logits = self.runner.execute(step_input)
+        params = [seq.params for seq in sampling_seqs]
+        prompts = [seq.prompt_token_ids for seq in sampling_seqs]
+        outputs_so_far = [seq.output_token_ids for seq in sampling_seqs]
+        penalty_slots = None
+        if any(uses_penalties(p) for p in params):
+            penalty_slots = self.penalties.slots([seq.request_id for seq in sampling_seqs], params, prompts,
+                                                 outputs_so_far)
         batch = SamplingBatch.build(
-            [seq.params for seq in sampling_seqs], [seq.generator for seq in sampling_seqs],
-            [seq.prompt_token_ids for seq in sampling_seqs], [seq.output_token_ids for seq in sampling_seqs],
-            vocab_size=logits.shape[-1], device=logits.device)
+            params, [seq.generator for seq in sampling_seqs], prompts, outputs_so_far,
+            vocab_size=logits.shape[-1], device=logits.device,
+            penalty_stats=self.penalties.stats(penalty_slots) if penalty_slots is not None else None)
         result = sample(logits, batch)
+        if penalty_slots is not None:
+            self.penalties.record(penalty_slots, result.token_ids)
         token_ids = result.token_ids.tolist()
         sampled = {seq.request_id: token for seq, token in zip(sampling_seqs, token_ids)}
         logprobs = self._logprobs(sampling_seqs, token_ids, result)
@@ -110,6 +123,7 @@ class Engine:
                 logprobs=logprobs.get(seq.request_id)))
             if done:
                 del self._sequences[seq.request_id]
+                self.penalties.release(seq.request_id)
         return outputs
 
     def _prepare(self, scheduled: SchedulerOutput) -> tuple[StepInput, list[Sequence]]:

@@ -21,9 +21,10 @@ not document which distribution it reports. The model's distribution means the s
 request's sampling settings, and stays informative for greedy rows, whose processed distribution would be a
 single token.
 
-Penalty counts are rebuilt from the token id lists every step (host → device ids, O(total tokens)). Keeping
-the counts on the device per sequence and adding each sampled token is the next step if that shows up in
-profiles.
+Penalty statistics (which tokens a sequence has seen, how often it produced each) live on the device in a
+`PenaltyTable`, one slot per running sequence that uses a penalty: filled once from its token ids when it
+first samples (or resumes after preemption), then updated with each sampled token, so a step never ships
+token histories to the device. Without a table (unit tests), `build` counts from the id lists instead.
 """
 
 from __future__ import annotations
@@ -70,13 +71,15 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
               prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
-              vocab_size: int, device: torch.device) -> SamplingBatch:
+              vocab_size: int, device: torch.device,
+              penalty_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplingBatch:
         """Turn the rows' params into tensors on `device`.
 
         `generators[i]` is row i's own generator (on `device`) when its request has a seed, else None; the
         caller creates it once per request and keeps it across steps, so a seeded request draws the same
-        tokens whatever else is in the batch. Token id lists feed the penalties: the prompt's for the
-        repetition penalty only, the output's for all three.
+        tokens whatever else is in the batch. `penalty_stats` — `(seen [B, V] bool, output_counts [B, V]
+        float32)` from a `PenaltyTable` — feed the penalties when given; otherwise they are counted from the
+        token id lists: the prompt's for the repetition penalty only, the output's for all three.
         """
         batch_size = len(params)
         assert len(generators) == len(prompt_token_ids) == len(output_token_ids) == batch_size
@@ -105,16 +108,18 @@ class SamplingBatch:
                 bias_value.append(bias)
 
         repetition_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        seen = None
-        if repetition_rows:
+        count_rows = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
+        seen = output_counts = None
+        if penalty_stats is not None:
+            seen = penalty_stats[0] if repetition_rows else None
+            output_counts = penalty_stats[1] if count_rows else None
+        elif repetition_rows:
             # Each row is listed twice, once with its prompt and once with its output, to avoid
             # concatenating the lists on the host.
             ids = [prompt_token_ids[i] for i in repetition_rows]
             ids += [output_token_ids[i] for i in repetition_rows]
             seen = _token_counts(repetition_rows * 2, ids, batch_size, vocab_size, device) > 0
-        count_rows = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
-        output_counts = None
-        if count_rows:
+        if penalty_stats is None and count_rows:
             ids = [output_token_ids[i] for i in count_rows]
             output_counts = _token_counts(count_rows, ids, batch_size, vocab_size, device).float()
 
@@ -160,6 +165,64 @@ def _token_counts(rows: list[int], token_ids: list[list[int]], batch_size: int, 
                                         torch.tensor([len(t) for t in token_ids], dtype=torch.int64))
     flat = (row_of_id * vocab_size + ids).to(device)
     return torch.bincount(flat, minlength=batch_size * vocab_size).view(batch_size, vocab_size)
+
+
+class PenaltyTable:
+    """Per-sequence penalty statistics kept on the device and updated with each sampled token.
+
+    Slot 0 is all zeros and stands for every row that uses no penalty (any statistics are neutral for such a
+    row). Other slots belong to running sequences that use a penalty; `release` frees one when its sequence
+    finishes, is aborted or is preempted (a resumed sequence is filled again from its token ids).
+    """
+
+    def __init__(self, capacity: int, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.seen = torch.zeros((capacity + 1, vocab_size), dtype=torch.bool, device=device)
+        self.output_counts = torch.zeros((capacity + 1, vocab_size), dtype=torch.float32, device=device)
+        self._free = list(range(capacity, 0, -1))
+        self._slots: dict[str, int] = {}
+
+    def slots(self, request_ids: list[str], params: list[SamplingParams], prompt_token_ids: list[list[int]],
+              output_token_ids: list[list[int]]) -> torch.Tensor:
+        """Each row's slot (0 for rows without penalties), filling new slots from their token ids."""
+        slots = []
+        for request_id, p, prompt, output in zip(request_ids, params, prompt_token_ids, output_token_ids,
+                                                 strict=True):
+            if not uses_penalties(p):
+                slots.append(0)
+                continue
+            slot = self._slots.get(request_id)
+            if slot is None:
+                slot = self._slots[request_id] = self._free.pop()
+                device = self.seen.device
+                self.seen[slot, torch.tensor(prompt + output, dtype=torch.int64, device=device)] = True
+                if output:
+                    self.output_counts[slot] = torch.bincount(
+                        torch.tensor(output, dtype=torch.int64, device=device), minlength=self.vocab_size).float()
+            slots.append(slot)
+        return torch.tensor(slots, dtype=torch.int64, device=self.seen.device)
+
+    def stats(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.seen[slots], self.output_counts[slots]
+
+    def record(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Add this step's sampled tokens; rows in slot 0 are left out so it stays all zeros."""
+        used = slots > 0
+        slots, token_ids = slots[used], token_ids[used]
+        self.seen[slots, token_ids] = True
+        self.output_counts.index_put_((slots, token_ids), torch.ones_like(token_ids, dtype=torch.float32),
+                                      accumulate=True)
+
+    def release(self, request_id: str) -> None:
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self.seen[slot] = False
+            self.output_counts[slot] = 0.0
+            self._free.append(slot)
+
+
+def uses_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
 
 
 @dataclass(frozen=True, eq=False)

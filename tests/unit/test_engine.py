@@ -157,3 +157,34 @@ def test_a_dead_rank_fails_the_group_loudly_instead_of_hanging(tiny_checkpoint):
     assert time.monotonic() - started < 60  # the collective timeout, not forever
     with pytest.raises(RuntimeError):
         engine.shutdown()  # cannot reach the dead rank, but still leaves the process group
+
+
+def test_penalties_kept_on_device_match_counting_from_token_ids(tiny_checkpoint, reference):
+    """Incremental on-device penalty statistics give the tokens a from-scratch count gives, through preemption."""
+    from serve_app.engine.sampler import SamplingBatch, sample
+
+    params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, repetition_penalty=1.5,
+                            frequency_penalty=0.7, presence_penalty=0.4)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+    def expected(prompt: list[int]) -> list[int]:
+        output: list[int] = []
+        with torch.no_grad():
+            for _ in range(MAX_NEW):
+                logits = model(torch.tensor([prompt + output])).logits[:, -1]
+                batch = SamplingBatch.build([params], [None], [prompt], [output], 32000, torch.device("cpu"))
+                output.append(int(sample(logits, batch).token_ids[0]))
+        return output
+
+    block_bytes = 2 * 4 * 16 * 8 * 32 * 4
+    engine = _engine(tiny_checkpoint, kv_cache_bytes=24 * block_bytes, max_model_len=384)
+    try:
+        prompts = _random_prompts(6, seed=8, low=40, high=90)
+        results = _run(engine, prompts, params=params)
+        assert engine.num_preemptions > 0
+        for index, prompt in enumerate(prompts):
+            assert results[f"r{index}"] == expected(prompt)
+        assert any(results[f"r{i}"] != reference(p) for i, p in enumerate(prompts))  # penalties did act
+        assert engine.penalties._slots == {}  # every slot was released
+    finally:
+        engine.shutdown()

@@ -118,8 +118,10 @@ def _batched_decode_attention(attn: torch.nn.Module, layer_index: int, q: torch.
     tables = batch.block_tables[batch.decode_rows, :max_blocks]
     num_rows = len(batch.decode_rows)
     shape = (num_rows, max_blocks * kv_cache.shape.block_size, kv_cache.shape.num_kv_heads, -1)
-    keys = kv_cache.keys[layer_index][tables].view(shape).transpose(1, 2)  # [R, Hkv, L, D]
-    values = kv_cache.values[layer_index][tables].view(shape).transpose(1, 2)
+    # index_select on the flat block list copies whole blocks; advanced indexing is ~3x slower on CPU.
+    flat_tables = tables.flatten()
+    keys = kv_cache.keys[layer_index].index_select(0, flat_tables).view(shape).transpose(1, 2)  # [R, Hkv, L, D]
+    values = kv_cache.values[layer_index].index_select(0, flat_tables).view(shape).transpose(1, 2)
     valid = torch.arange(keys.shape[2], device=q.device)[None, :] < lens[:, None]  # [R, L]
     queries = q[:, rows].transpose(0, 1).unsqueeze(2)  # [R, Hq, 1, D]
     result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid[:, None, None, :],

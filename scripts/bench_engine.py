@@ -100,8 +100,8 @@ def main() -> None:
     run_generate(hf_model, prompts(1, args.prompt_len, seed=99), 8)
     for concurrency in args.concurrency:
         batch = prompts(concurrency, args.prompt_len, seed=concurrency)
-        results[f"engine_c{concurrency}"] = median_of(args.repeats,
-                                                      lambda: run_engine(engine, batch, args.output_len))
+        results[f"engine_c{concurrency}"] = median_of(
+            args.repeats, lambda batch=batch: run_engine(engine, batch, args.output_len))
         print(f"engine, {concurrency:>3} concurrent: {results[f'engine_c{concurrency}']:9.1f} tok/s", flush=True)
     top = max(args.concurrency)
     batch = prompts(top, args.prompt_len, seed=top)

@@ -56,7 +56,8 @@ def test_stop_string_spanning_tokens_is_cut_and_not_returned(client, stream):
     boundary = len(pieces[0]) + len(pieces[1])
     stop = text[boundary - 2: boundary + 2]
     expected = text[: text.index(stop)]
-    request = dict(model=MODEL, messages=HELLO, max_tokens=12, temperature=0, stop=[stop, "never-seen"])
+    request = {"model": MODEL, "messages": HELLO, "max_tokens": 12, "temperature": 0,
+               "stop": [stop, "never-seen"]}
     if stream:
         chunks = list(client.chat.completions.create(**request, stream=True))
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -114,8 +114,6 @@ class Engine:
         finished = {seq.request_id for seq in self.scheduler.update_from_output(scheduled, sampled)}
         outputs = []
         for seq in sampling_seqs:
-            if seq.request_id not in self._sequences:
-                continue  # aborted while the step ran
             done = seq.request_id in finished
             outputs.append(RequestOutput(
                 seq.request_id, [sampled[seq.request_id]], seq.num_prompt_tokens, len(seq.output_token_ids),

@@ -135,8 +135,6 @@ class Scheduler:
         finished: list[Sequence] = []
         for chunk in out.chunks:
             seq = chunk.seq
-            if seq.is_finished:  # aborted while the step ran
-                continue
             seq.num_computed_tokens += chunk.num_tokens
             if not chunk.samples:
                 continue

@@ -10,6 +10,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.autoscaling import with_engine_capacity
 from serve_app.config import AppConfig
 from serve_app.ingress import Ingress
 from serve_app.replica import LlamaReplica
@@ -32,7 +33,8 @@ def replica_placement(config: AppConfig) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
-    replica_options = replica_placement(config) | config.deployments.replica
+    replica_options = with_engine_capacity(replica_placement(config) | config.deployments.replica,
+                                           config.engine.max_num_seqs)
     replica = LlamaReplica.options(**replica_options).bind(config)
     stage = Stage.options(**config.deployments.stage).bind(config, replica)
     return Ingress.options(**config.deployments.ingress).bind(config, stage, replica)

@@ -9,9 +9,9 @@ policy's view and the client's streams; writes the timeline as JSON and a PNG.
 
     python scripts/autoscale_demo.py --out docs/img/autoscaling.png
 
-The replica reports its engine load to the policy through `record_autoscaling_stats`. If `LlamaReplica` does
-not define that method yet, this script adds it in a subclass (the same three lines), so the demo exercises
-the engine-load path either way; `--requests-only` leaves it out to compare with ongoing-request scaling.
+The replica reports its engine load to the policy through `LlamaReplica.record_autoscaling_stats`;
+`--requests-only` drops the custom policy, so Serve scales on ongoing requests (at the config's
+`target_ongoing_requests`) for comparison.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--settle-timeout-s", type=float, default=240.0,
                         help="after the load, wait at most this long for the count to return to the minimum")
     parser.add_argument("--requests-only", action="store_true",
-                        help="don't add engine metrics: the policy falls back to ongoing requests")
+                        help="scale on ongoing requests (Serve's default policy) instead of the engine's load")
     parser.add_argument("--out", default="docs/img/autoscaling.png")
     parser.add_argument("--replot", action="store_true", help="only redraw the PNG from its saved JSON")
     args = parser.parse_args()
@@ -150,19 +150,12 @@ def main() -> None:
     from ray import serve
 
     import serve_app.app
-    from serve_app.autoscaling import engine_load_metrics
-    from serve_app.replica import LlamaReplica
 
     (application,) = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"]
     app_args = copy.deepcopy(application["args"])
     app_args["model"]["tensor_parallel_size"] = 1
-    replica_class = LlamaReplica.func_or_class
-    if not args.requests_only and not hasattr(replica_class, "record_autoscaling_stats"):
-        class ReportingReplica(replica_class):
-            def record_autoscaling_stats(self) -> dict[str, float]:
-                return engine_load_metrics(self.loop.stats)
-
-        serve_app.app.LlamaReplica = LlamaReplica.options(func_or_class=ReportingReplica)
+    if args.requests_only:
+        app_args["deployments"]["replica"]["autoscaling_config"].pop("policy")
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:

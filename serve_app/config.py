@@ -77,8 +77,35 @@ class DeploymentOptions(StrictModel):
     replica: dict[str, Any] = Field(default_factory=dict)
 
 
+API_KEYS_ENV = "LLAMA_SERVE_API_KEYS"
+
+
+class ApiConfig(StrictModel):
+    """The HTTP API's edges: who may call it, how big a request may be, and how much may wait.
+
+    Every default keeps the service usable out of the box; existing configs need no `api:` section.
+    """
+
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description=f"Accepted `Authorization: Bearer` keys, added to the comma-separated keys in the "
+        f"`{API_KEYS_ENV}` environment variable. With no key from either, the API is open.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request (400 beyond).")
+    max_prompts: int = Field(16, ge=1, description="Most prompts in one `/v1/completions` request.")
+    max_waiting_requests: int = Field(
+        256, ge=1, description="Engine requests admitted but not yet started, per replica group; beyond "
+        "that a request is refused at once with 429.")
+    max_waiting_tokens: int = Field(
+        65536, ge=1, description="Prompt tokens of those waiting requests, per replica group (429 beyond).")
+    retry_after_s: float = Field(1.0, gt=0, description="The Retry-After sent with 429 and 503.")
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty (the default) turns CORS off.")
+
+
 class AppConfig(StrictModel):
     model: ModelConfig
     engine: EngineConfig = Field(default_factory=EngineConfig)
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     deployments: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    api: ApiConfig = Field(default_factory=ApiConfig)

@@ -55,34 +55,48 @@ class ContextLengthExceededError(InvalidRequestError):
 
     code = "context_length_exceeded"
 
-    def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int,
+                 *, param: str = "messages") -> None:
+        what = "messages" if param == "messages" else "prompt"
         if max_tokens is None:
             # Without max_tokens the completion gets the rest of the context, so only the prompt can be
             # too long: it leaves no room at all.
             detail = (
-                f"However, your messages resulted in {prompt_tokens} tokens, leaving no room for the "
-                "completion. Please reduce the length of the messages."
+                f"However, your {what} resulted in {prompt_tokens} tokens, leaving no room for the "
+                f"completion. Please reduce the length of the {what}."
             )
         else:
             detail = (
                 f"However, you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-                f"messages, {max_tokens} in the completion). Please reduce the length of the messages "
+                f"{what}, {max_tokens} in the completion). Please reduce the length of the {what} "
                 "or completion."
             )
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens. {detail}", param="messages"
-        )
+        super().__init__(f"This model's maximum context length is {max_model_len} tokens. {detail}", param=param)
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.max_model_len = max_model_len
 
 
 class AuthenticationError(ServiceError):
-    """The API key is missing or wrong."""
+    """The API key is missing or wrong. The message shows at most the key's ends, as OpenAI does."""
 
     status_code = 401
     error_type = "invalid_request_error"  # what OpenAI sends for a bad key
     code = "invalid_api_key"
+
+    @classmethod
+    def for_key(cls, key: str | None) -> "AuthenticationError":
+        if not key:
+            return cls("You didn't provide an API key. Provide it in the Authorization header as "
+                       "'Authorization: Bearer YOUR_KEY'.")
+        return cls(f"Incorrect API key provided: {mask_key(key)}.")
+
+
+def mask_key(key: str) -> str:
+    """`sk-a****wxyz`: enough to tell keys apart, never enough to use one. Short keys are fully masked."""
+    if len(key) < 12:
+        return "*" * len(key)
+    return f"{key[:4]}{'*' * (len(key) - 8)}{key[-4:]}"
 
 
 class ModelNotFoundError(ServiceError):
@@ -127,6 +141,12 @@ class RateLimitError(ServiceError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class OverloadedError(RateLimitError):
+    """The engine's waiting queue is full; the request was refused before any work was done."""
+
+    code = "overloaded"
 
 
 class ServiceUnavailableError(ServiceError):
@@ -185,12 +205,22 @@ def _shown_input(value: Any) -> str:
     return ""
 
 
+BACKPRESSURE_RETRY_AFTER_S = 1.0
+
+
 def to_service_error(exc: BaseException) -> ServiceError:
-    """The typed error that `exc` stands for; unknown exceptions become an `InternalError`."""
+    """The typed error that `exc` stands for; unknown exceptions become an `InternalError`.
+
+    Ray Serve's own refusal (a deployment's `max_queued_requests` reached) is an overload, not a bug: 503
+    with Retry-After, so clients back off instead of reporting a server fault.
+    """
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, ValidationError):
         return from_validation_error(exc)
+    if type(exc).__name__ == "BackPressureError":  # ray.serve.exceptions; matched by name to keep Ray out
+        return ServiceUnavailableError("The server is overloaded. Please retry shortly.",
+                                       retry_after=BACKPRESSURE_RETRY_AFTER_S)
     return InternalError()
 
 

@@ -149,32 +149,18 @@ class ResponseFormat(BaseModel):
         return value
 
 
-class ChatCompletionRequest(BaseModel):
-    """A `POST /v1/chat/completions` body, with the hosted API's ranges and defaults."""
+class SamplingRequest(BaseModel):
+    """The fields `/v1/chat/completions` and `/v1/completions` share: model, sampling, stop, n, streaming."""
 
     model_config = _REQUEST_CONFIG
 
     model: str = Field(description="Name of the model to use; must be the one this deployment serves.")
-    messages: list[ChatMessage] = Field(
-        min_length=1,
-        description="The conversation: (user, assistant, tool*)* user, plus at most one system message "
-        "anywhere.",
-    )
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep this probability mass.")
     min_p: float = Field(
         0.0, ge=0.0, le=1.0, description="Drop tokens below this fraction of the top token's probability."
     )
     top_k: int = Field(0, ge=0, le=999, description="Sample from the best k tokens; 0 means off.")
-    max_tokens: int | None = Field(
-        None,
-        ge=1,
-        description="Most tokens to generate; None means the rest of the context. After validation this "
-        "also holds max_completion_tokens when only that was given.",
-    )
-    max_completion_tokens: int | None = Field(
-        None, ge=1, description="OpenAI's newer name for max_tokens; if both are given they must agree."
-    )
     presence_penalty: float = Field(
         0.0, ge=-2.0, le=2.0, description="Additive penalty on tokens that appeared at all."
     )
@@ -191,14 +177,7 @@ class ChatCompletionRequest(BaseModel):
         description="Up to 4 strings that end the completion (not included in it); a single string is "
         "stored as a one-element list.",
     )
-    n: int = Field(1, ge=1, le=MAX_N, description="How many completions to generate for the conversation.")
-    logprobs: bool = Field(False, description="Return the log probability of each generated token.")
-    top_logprobs: int | None = Field(
-        None,
-        ge=0,
-        le=20,
-        description="Also return this many most likely tokens per position; needs logprobs.",
-    )
+    n: int = Field(1, ge=1, le=MAX_N, description="How many completions to generate for the input.")
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None,
         description="Added to the logits of the given token ids (decimal strings, as JSON keys must be) "
@@ -208,13 +187,10 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = Field(None, description="An end-user identifier, for abuse monitoring only.")
     stream: bool = Field(False, description="Send the completion as server-sent events, chunk by chunk.")
     stream_options: StreamOptions | None = Field(None, description="Only allowed when stream is true.")
-    tools: list[Tool] | None = Field(None, description="Functions the model may call.")
-    tool_choice: Literal["none", "auto"] | None = Field(
-        None,
-        description="Whether the model may call a tool. None means 'auto' with tools, 'none' without; "
-        "naming a specific function is not supported.",
-    )
-    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is accepted.")
+
+    # Resolved by subclasses: whether to return logprobs, and how many alternatives per position.
+    def _logprobs(self) -> tuple[bool, int]:
+        return False, 0
 
     @model_validator(mode="before")
     @classmethod
@@ -244,6 +220,68 @@ class ChatCompletionRequest(BaseModel):
                 raise _invalid("Keys must be token ids (non-negative integers)", param=key)
         return value
 
+    @model_validator(mode="after")
+    def _check_streaming(self) -> "SamplingRequest":
+        if self.stream_options is not None and not self.stream:
+            raise _invalid("Only allowed when stream is true", param="stream_options")
+        return self
+
+    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+        """The engine's view of this request, for one of its `n` sequences.
+
+        `max_tokens` is the resolved budget: the caller caps `self.max_tokens` (or, when that is None,
+        fills in) the room the prompt leaves in the context. Stop strings are not included: the stage
+        matches them on text.
+        """
+        logprobs, top_logprobs = self._logprobs()
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            logit_bias={int(token_id): bias for token_id, bias in (self.logit_bias or {}).items()},
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+        )
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """A `POST /v1/chat/completions` body, with the hosted API's ranges and defaults."""
+
+    messages: list[ChatMessage] = Field(
+        min_length=1,
+        description="The conversation: (user, assistant, tool*)* user, plus at most one system message "
+        "anywhere.",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens to generate; None means the rest of the context. After validation this "
+        "also holds max_completion_tokens when only that was given.",
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="OpenAI's newer name for max_tokens; if both are given they must agree."
+    )
+    logprobs: bool = Field(False, description="Return the log probability of each generated token.")
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Also return this many most likely tokens per position; needs logprobs.",
+    )
+    tools: list[Tool] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto"] | None = Field(
+        None,
+        description="Whether the model may call a tool. None means 'auto' with tools, 'none' without; "
+        "naming a specific function is not supported.",
+    )
+    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is accepted.")
+
     @field_validator("tool_choice", mode="before")
     @classmethod
     def _no_forced_tool(cls, value: Any) -> Any:
@@ -260,44 +298,66 @@ class ChatCompletionRequest(BaseModel):
             self.max_tokens = self.max_completion_tokens
         if self.top_logprobs is not None and not self.logprobs:
             raise _invalid("Needs logprobs to be true", param="top_logprobs")
-        if self.stream_options is not None and not self.stream:
-            raise _invalid("Only allowed when stream is true", param="stream_options")
         if self.tool_choice is not None and not self.tools:
             raise _invalid("Only allowed when tools are given", param="tool_choice")
         return self
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        """The engine's view of this request, for one of its `n` sequences.
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the model is told about the tools and its reply is parsed for a call."""
+        return bool(self.tools) and self.tool_choice != "none"
 
-        `max_tokens` is the resolved budget: the caller caps `self.max_tokens` (or, when that is None,
-        fills in) the room the prompt leaves in the context. Stop strings are not included: the stage
-        matches them on text.
-        """
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
-            logit_bias={int(token_id): bias for token_id, bias in (self.logit_bias or {}).items()},
-            logprobs=self.logprobs,
-            top_logprobs=self.top_logprobs or 0,
-        )
+    def _logprobs(self) -> tuple[bool, int]:
+        return self.logprobs, self.top_logprobs or 0
+
+
+class CompletionRequest(SamplingRequest):
+    """A `POST /v1/completions` body: raw text in, text out, no chat template."""
+
+    prompt: str | list[str] = Field(
+        description="The text to continue, or a list of texts (each gets `n` choices, indexed prompt by "
+        "prompt). The tokenizer adds BOS; nothing else is added."
+    )
+    max_tokens: int | None = Field(
+        16, ge=1, description="Most tokens to generate; OpenAI's default, 16, when absent or null."
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Return the log probability of each token and this many alternatives."
+    )
+    echo: bool = Field(False, description="Put the prompt before the completion in each choice's text.")
+    suffix: None = Field(None, description="Text after the completion; not supported (insertion).")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="Only equal to n (or null) is supported.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise _invalid("Give at least one prompt")
+        return value
+
+    @model_validator(mode="after")
+    def _check_completion_fields(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise _invalid("Only best_of equal to n is supported", param="best_of")
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def _logprobs(self) -> tuple[bool, int]:
+        return self.logprobs is not None, self.logprobs or 0
 
 
 # --------------------------------------------------------------------------------------------- response
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-def completion_id() -> str:
+def completion_id(prefix: str = "chatcmpl") -> str:
     """A fresh response id; every chunk of one stream carries the same one."""
-    return f"chatcmpl-{uuid.uuid4().hex}"
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 class _ResponseModel(BaseModel):
@@ -396,13 +456,20 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaToolCall(ToolCall):
+    """A tool call in a streamed delta: whole (this service sends each call in one chunk), with its index."""
+
+    index: int
+
+
 class DeltaMessage(_ResponseModel):
     """What one chunk adds to a choice's message; the last chunk of a choice has an empty delta."""
 
-    _omit_if_none = frozenset({"role", "content"})
+    _omit_if_none = frozenset({"role", "content", "tool_calls"})
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionChunkChoice(BaseModel):
@@ -428,6 +495,37 @@ class ChatCompletionChunk(_ResponseModel):
     created: int
     model: str
     choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Legacy completions' logprobs: parallel lists over the generated tokens."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    """One choice of `/v1/completions`; in a stream, its `text` is the new text only."""
+
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(_ResponseModel):
+    """The body of a non-streamed completion, and (with text deltas) each chunk of a streamed one."""
+
+    _omit_if_none = frozenset({"usage"})
+
+    id: str = Field(default_factory=lambda: completion_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
     usage: Usage | None = None
 
 

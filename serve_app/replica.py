@@ -5,6 +5,10 @@ placement-group bundles. A single engine thread owns the engine (it is not threa
 add/abort commands, steps while there is work, and sends heartbeats while idle. Each `generate` call is an
 async stream fed by that thread; when the caller goes away (client disconnect, stop string matched) the
 stream's `finally` aborts the request, and its KV blocks are free after the engine's next command drain.
+
+Admission is bounded: a request that would push the requests (or prompt tokens) waiting for their first
+token past `AdmissionLimits` is refused at once with `OverloadedError` (429 + Retry-After), and Serve's own
+`max_queued_requests` bounds the calls queued in front of this deployment (`BackPressureError`, 503).
 """
 
 from __future__ import annotations
@@ -14,26 +18,47 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from ray import serve
 
+from serve_app.autoscaling import engine_load_metrics
 from serve_app.config import AppConfig
 from serve_app.engine.engine import Engine, EngineStats, build_engine
 from serve_app.engine.sequence import EngineRequest, RequestOutput
+from serve_app.errors import OverloadedError
 
 logger = logging.getLogger(__name__)
+
+
+def client_request(request_id: str) -> str:
+    """The client request an engine request belongs to: the stage names choice j of request r `r-j`."""
+    return request_id.rsplit("-", 1)[0]
 
 
 class EngineFailed(RuntimeError):
     """The engine thread died; the replica is unhealthy and Serve will replace it."""
 
 
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """How much may wait for its first token; a request past either bound is refused, not queued."""
+
+    max_waiting_requests: int
+    max_waiting_tokens: int
+    retry_after_s: float = 1.0
+
+
 class EngineLoop:
     """The thread that owns an `Engine`, and the bridge from it to asyncio streams."""
 
-    def __init__(self, engine: Engine, heartbeat_interval_s: float):
+    def __init__(self, engine: Engine, heartbeat_interval_s: float, limits: AdmissionLimits | None = None):
         self.engine = engine
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.limits = limits
+        # Requests added but without a first output yet (the engine's waiting queue plus prefills in
+        # flight), with their prompt lengths. Touched only from the event loop that calls `generate`.
+        self._waiting: dict[str, int] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._failure: BaseException | None = None
@@ -49,9 +74,29 @@ class EngineLoop:
     def stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def num_waiting(self) -> int:
+        """Client requests admitted whose engine requests have not all produced a first token."""
+        return len({client_request(request_id) for request_id in self._waiting})
+
+    def _admit(self, request: EngineRequest) -> None:
+        """Refuse a request the waiting queue has no room for. The `n` choices of one client request are
+        admitted together (the first decides), and a lone request is always admitted."""
+        limits, tokens = self.limits, len(request.prompt_token_ids)
+        group = client_request(request.request_id)
+        waiting_groups = {client_request(request_id) for request_id in self._waiting}
+        if limits is not None and waiting_groups and group not in waiting_groups and (
+            len(waiting_groups) >= limits.max_waiting_requests
+            or sum(self._waiting.values()) + tokens > limits.max_waiting_tokens
+        ):
+            raise OverloadedError("The server is overloaded: too many requests are waiting. Please retry "
+                                  "shortly.", retry_after=limits.retry_after_s)
+        self._waiting[request.request_id] = tokens
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
         if not self.alive:
             raise EngineFailed("the engine is not running")
+        self._admit(request)
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), outputs)
         self._commands.put(("add", request))
@@ -60,6 +105,7 @@ class EngineLoop:
             while not finished:
                 # Flush the first item at once; coalesce whatever else is already there into the same chunk.
                 batch = [await outputs.get()]
+                self._waiting.pop(request.request_id, None)
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
                 for item in batch:
@@ -70,6 +116,7 @@ class EngineLoop:
                 finished = batch[-1].finished
                 yield batch
         finally:
+            self._waiting.pop(request.request_id, None)
             self._streams.pop(request.request_id, None)
             if not finished:
                 self._commands.put(("abort", request.request_id))
@@ -91,7 +138,7 @@ class EngineLoop:
                         self._deliver(output.request_id, output)
                 self._stats = self.engine.stats()
             self.engine.shutdown()
-        except BaseException as exc:  # noqa: BLE001 - every stream must learn that the engine is gone
+        except BaseException as exc:  # every stream must learn that the engine is gone
             logger.exception("engine loop failed")
             self._failure = exc
             for request_id in list(self._streams):
@@ -128,14 +175,19 @@ class EngineLoop:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
 
-@serve.deployment(name="LlamaReplica")
+REPLICA_MAX_QUEUED_REQUESTS = 128
+
+
+@serve.deployment(name="LlamaReplica", max_queued_requests=REPLICA_MAX_QUEUED_REQUESTS)
 class LlamaReplica:
     """Serve wrapper: one tensor-parallel engine per replica."""
 
     def __init__(self, config: AppConfig):
         logging.basicConfig(level=logging.INFO)
         engine = build_engine(config.model, config.engine, use_ray=True)
-        self.loop = EngineLoop(engine, config.engine.heartbeat_interval_s)
+        api = config.api
+        limits = AdmissionLimits(api.max_waiting_requests, api.max_waiting_tokens, api.retry_after_s)
+        self.loop = EngineLoop(engine, config.engine.heartbeat_interval_s, limits)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
         async for batch in self.loop.generate(request):
@@ -143,6 +195,10 @@ class LlamaReplica:
 
     def stats(self) -> EngineStats:
         return self.loop.stats
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The engine's own load, for `serve_app.autoscaling.EngineLoadPolicy`."""
+        return engine_load_metrics(self.loop.stats)
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""

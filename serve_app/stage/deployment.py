@@ -1,4 +1,9 @@
-"""Serve wrapper of the sampling/postprocessing stage: CPU-only, scaled apart from the GPU replicas."""
+"""Serve wrapper of the sampling/postprocessing stage: CPU-only, scaled apart from the GPU replicas.
+
+`max_queued_requests` is bounded by default (a config's `deployments.stage` may override it), so a flood of
+requests is refused by Serve at once (`BackPressureError`, mapped to 503 + Retry-After by the ingress)
+instead of queueing without end.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,13 @@ from transformers import PreTrainedTokenizerFast
 from serve_app.config import AppConfig
 from serve_app.engine.sequence import EngineRequest
 from serve_app.models.checkpoint import resolve_checkpoint
-from serve_app.protocol import ChatCompletionRequest
+from serve_app.protocol import ChatCompletionRequest, CompletionRequest
 from serve_app.stage.chat import ChatStage, StageEvent
 
+STAGE_MAX_QUEUED_REQUESTS = 256
 
-@serve.deployment(name="ChatStage")
+
+@serve.deployment(name="ChatStage", max_queued_requests=STAGE_MAX_QUEUED_REQUESTS)
 class Stage:
     def __init__(self, config: AppConfig, replica: DeploymentHandle):
         logging.basicConfig(level=logging.INFO)
@@ -24,11 +31,15 @@ class Stage:
         # tokenizer.json normalizer with its own and mis-encodes leading spaces (31/46 reference vectors).
         tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_checkpoint(config.model.source))
         self.replica = replica
-        self.stage = ChatStage(tokenizer, config.model, config.pricing, self._generate)
+        self.stage = ChatStage(tokenizer, config.model, config.pricing, self._generate, config.api)
 
     def _generate(self, request: EngineRequest):
         return self.replica.generate.options(stream=True).remote(request)
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[StageEvent]]:
         async for events in self.stage.chat(request):
+            yield events
+
+    async def complete(self, request: CompletionRequest) -> AsyncIterator[list[StageEvent]]:
+        async for events in self.stage.complete(request):
             yield events

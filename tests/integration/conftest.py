@@ -1,7 +1,9 @@
 """One real app for all integration tests: started once per session on a local Ray cluster.
 
-Two applications run side by side: the CPU default (`configs/tiny.yaml`, tp=2) at `/`, and the same model at
-tp=1 under `/tp1`, so greedy outputs of both can be checked against `transformers`' `generate`.
+Three applications run side by side: the CPU default (`configs/tiny.yaml`, tp=2) at `/`, the same model at
+tp=1 under `/tp1`, so greedy outputs of both can be checked against `transformers`' `generate`, and under
+`/edge` a tp=1 copy with an API key and small limits (context, body, messages, engine batch and waiting
+queue) for the tests of the API's edges.
 """
 
 from __future__ import annotations
@@ -17,6 +19,26 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 PORT = 8123
 BASE = f"http://127.0.0.1:{PORT}"
+EDGE_PREFIX = "/edge"
+EDGE_KEY = "sk-edge-test-0123456789abcdef"
+EDGE_API = {
+    "api_keys": [EDGE_KEY],
+    "max_body_bytes": 16384,
+    "max_messages": 8,
+    "max_prompts": 4,
+    "max_waiting_requests": 2,
+    "max_waiting_tokens": 4096,
+    "retry_after_s": 2,
+}
+
+
+def edge_args(args: dict) -> dict:
+    """The `/edge` application: tp=1, a 256-token context, 2 running sequences, 2 waiting, an API key."""
+    edge = copy.deepcopy(args)
+    edge["model"].update(tensor_parallel_size=1, max_model_len=256)
+    edge["engine"]["max_num_seqs"] = 2
+    edge["api"] = EDGE_API
+    return edge
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +56,10 @@ def server():
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(args), name="tp2", route_prefix="/", blocking=False)
     serve.run(build_app(tp1_args), name="tp1", route_prefix="/tp1", blocking=False)
+    serve.run(build_app(edge_args(args)), name="edge", route_prefix=EDGE_PREFIX, blocking=False)
     _wait_until_healthy(f"{BASE}/health")
     _wait_until_healthy(f"{BASE}/tp1/health")
+    _wait_until_healthy(f"{BASE}{EDGE_PREFIX}/health")
     yield BASE
     serve.shutdown()
     ray.shutdown()

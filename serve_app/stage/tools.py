@@ -1,0 +1,77 @@
+"""Function calling for a model that knows no tools: the schemas go into the prompt, a call comes back as JSON.
+
+In: the request's `tools` (with `tool_choice` "auto", or absent). Out, forward: the conversation with the
+function schemas and the calling convention added to its system message. Out, back: the `ToolCall`s in the
+model's finished reply, or None when the reply is ordinary text.
+
+Llama 2 chat was not trained on a tool format, so the convention is the simplest one a chat model follows
+reliably: reply with only a JSON object `{"name": ..., "arguments": {...}}` (or a list of them). A reply is a
+call only if it parses as such and names an offered function; anything else is returned as text, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from serve_app.protocol import ChatMessage, FunctionCall, Tool, ToolCall
+
+TOOLS_INSTRUCTION = (
+    "You can call the following functions. To call one, reply with only a JSON object of the form "
+    '{"name": "<function name>", "arguments": {<arguments as described by its parameters>}} and nothing '
+    "else; to call several, reply with a JSON list of such objects. If no function fits, answer normally.\n"
+    "Functions:\n"
+)
+
+
+def with_tools(messages: list[ChatMessage], tools: list[Tool]) -> list[ChatMessage]:
+    """The conversation with the tools described in its system message (added first if there is none)."""
+    schemas = "\n".join(
+        json.dumps({"name": t.function.name, "description": t.function.description or "",
+                    "parameters": t.function.parameters or {}}, ensure_ascii=False)
+        for t in tools
+    )
+    instruction = TOOLS_INSTRUCTION + schemas
+    for i, message in enumerate(messages):
+        if message.role == "system":
+            updated = message.model_copy(update={"content": f"{message.content}\n\n{instruction}"})
+            return [*messages[:i], updated, *messages[i + 1:]]
+    return [ChatMessage(role="system", content=instruction), *messages]
+
+
+def parse_tool_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
+    """The calls in a finished reply, or None when it is not (only) a call of offered functions."""
+    body = text.strip()
+    if body.startswith("```"):  # a fenced block, ```json ... ```
+        body = body.strip("`").removeprefix("json").strip()
+    if not body.startswith(("{", "[")):
+        return None
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    names = {t.function.name for t in tools}
+    calls = []
+    for item in items:
+        call = _as_call(item, names)
+        if call is None:
+            return None
+        calls.append(call)
+    return calls or None
+
+
+def _as_call(item: Any, names: set[str]) -> ToolCall | None:
+    if not isinstance(item, dict) or item.get("name") not in names:
+        return None
+    arguments = item.get("arguments", item.get("parameters", {}))
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
+                    function=FunctionCall(name=item["name"], arguments=json.dumps(arguments, ensure_ascii=False)))

@@ -1,0 +1,204 @@
+"""The API's edges without Ray: keys, the ASGI edge middleware, error mapping, admission, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi import FastAPI, Request
+from starlette.testclient import TestClient
+
+from serve_app.config import ApiConfig
+from serve_app.engine.engine import EngineStats
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import EngineRequest
+from serve_app.errors import AuthenticationError, OverloadedError, error_response, mask_key, to_service_error
+from serve_app.ingress import _digest, configure_api, key_is_valid, parse_body, resolve_api_keys
+from serve_app.metrics import ServiceMetrics
+from serve_app.protocol import Usage
+from serve_app.replica import AdmissionLimits, EngineLoop
+from serve_app.stage.chat import ChoiceDelta, UsageReport
+
+KEY = "sk-unit-0123456789abcdef"
+
+
+def test_keys_come_from_config_and_environment():
+    api = ApiConfig(api_keys=["a-key"])
+    assert resolve_api_keys(api, {"LLAMA_SERVE_API_KEYS": " b-key, ,a-key"}) == ("a-key", "b-key")
+    assert resolve_api_keys(ApiConfig(), {}) == ()
+
+
+def test_key_check_and_masking():
+    digests = (_digest(KEY),)
+    assert key_is_valid(KEY, digests)
+    assert not key_is_valid(KEY + "x", digests) and not key_is_valid(None, digests)
+    assert mask_key(KEY) == "sk-u" + "*" * (len(KEY) - 8) + "cdef"
+    assert mask_key("short") == "*****"
+    assert KEY not in AuthenticationError.for_key(KEY).message
+
+
+def edge_app(keys: tuple[str, ...] = (KEY,), **api) -> TestClient:
+    app = FastAPI(redirect_slashes=False)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/echo")
+    async def echo(request: Request):
+        try:
+            from serve_app.protocol import CompletionRequest
+            return (await parse_body(request, CompletionRequest)).model_dump()
+        except Exception as exc:  # noqa: BLE001
+            return error_response(exc)
+
+    configure_api(app, ApiConfig(api_keys=list(keys), **api), {})
+    return TestClient(app)
+
+
+@pytest.mark.parametrize("path", ["/echo", "/nowhere", "//health", "/health/", "/HEALTH"])
+def test_every_path_but_health_needs_a_key(path):
+    response = edge_app().get(path)
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_health_is_open_and_a_good_key_passes():
+    client = edge_app()
+    assert client.get("/health").status_code == 200
+    response = client.post("/echo", json={"model": "m", "prompt": "hi"}, headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200 and response.json()["prompt"] == "hi"
+
+
+def test_body_limit_content_type_and_json_errors():
+    client = edge_app(keys=(), max_body_bytes=2048)
+    assert client.post("/echo", content=b"x" * 4096).status_code == 413
+
+    def chunks():
+        for _ in range(8):
+            yield b" " * 512  # no Content-Length: counted while read
+
+    assert client.post("/echo", content=chunks()).status_code == 413
+    assert client.post("/echo", content=b"{}", headers={"content-type": "text/plain"}).status_code == 400
+    assert client.post("/echo", content=b"{nope", headers={"content-type": "application/json"}).status_code == 400
+    bad = client.post("/echo", json={"model": "m", "prompt": "hi", "temperature": 9})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
+
+
+def test_cors_only_when_configured():
+    preflight = {"Origin": "http://a.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in edge_app(keys=()).options("/echo", headers=preflight).headers
+    client = edge_app(cors_allow_origins=["http://a.example"])
+    assert client.options("/echo", headers=preflight).headers["access-control-allow-origin"] == "http://a.example"
+
+
+def test_overload_and_backpressure_map_to_429_and_503_with_retry_after():
+    response = error_response(OverloadedError("busy", retry_after=1.5))
+    assert response.status_code == 429 and response.headers["retry-after"] == "2"
+    from ray.serve.exceptions import BackPressureError
+
+    error = to_service_error(BackPressureError(num_queued_requests=3, max_queued_requests=2))
+    assert error.status_code == 503 and error.retry_after
+    assert to_service_error(RuntimeError("secret path /etc")).message.startswith("The server had an error")
+
+
+class IdleEngine:
+    """Enough of `Engine` for `EngineLoop`: requests are accepted and never stepped."""
+
+    def __init__(self):
+        self.added: list[str] = []
+        self.aborted: list[str] = []
+
+    def stats(self):
+        return EngineStats(0, len(self.added), 0.0, 1, 1, 0)
+
+    def has_unfinished(self):
+        return False
+
+    def add_request(self, request_id, prompt, params):
+        self.added.append(request_id)
+
+    def abort_request(self, request_id):
+        self.aborted.append(request_id)
+
+    def heartbeat(self):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def test_admission_bounds_waiting_requests_and_tokens_and_admits_choices_together():
+    engine = IdleEngine()
+    loop = EngineLoop(engine, heartbeat_interval_s=0.05, limits=AdmissionLimits(2, 100, retry_after_s=3))
+
+    def request(name: str, tokens: int = 10) -> EngineRequest:
+        return EngineRequest(name, [1] * tokens, SamplingParams(max_tokens=4))
+
+    async def run():
+        streams = [loop.generate(request(name)) for name in ("a-0", "a-1", "a-2", "b-0")]
+        pending = [asyncio.ensure_future(stream.__anext__()) for stream in streams]
+        await asyncio.sleep(0.05)
+        assert loop.num_waiting == 2  # a (three choices) and b
+        with pytest.raises(OverloadedError) as error:
+            await loop.generate(request("c-0")).__anext__()
+        assert error.value.retry_after == 3
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()  # a stream that goes away aborts its engine request
+        await asyncio.sleep(0.1)
+        assert loop.num_waiting == 0
+        big = loop.generate(request("d-0", tokens=90))
+        first = asyncio.ensure_future(big.__anext__())
+        await asyncio.sleep(0.02)
+        with pytest.raises(OverloadedError):  # 90 + 20 tokens > 100
+            await loop.generate(request("e-0", tokens=20)).__anext__()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await big.aclose()
+
+    asyncio.run(run())
+    loop.stop()
+    assert set(engine.aborted) >= {"a-0", "a-1", "a-2", "b-0"}
+
+
+def test_request_meter_times_tokens_and_counts_usage():
+    metrics = ServiceMetrics()
+    meter = metrics.meter("chat")
+    meter.start = 0.0
+    meter.observe([ChoiceDelta(0, "a", num_tokens=1)], now=0.5)
+    meter.observe([ChoiceDelta(0, "bc", num_tokens=2)], now=0.7)
+    meter.observe([UsageReport(Usage.from_counts(10, 3, 0, 0))], now=0.8)
+    meter.finish(200, now=1.0)
+    meter.finish(200, now=2.0)  # counted once
+    text = metrics.render().decode()
+    assert 'llama_serve_time_to_first_token_seconds_sum{route="chat"} 0.5' in text
+    assert 'llama_serve_inter_token_latency_seconds_count{route="chat"} 2.0' in text
+    assert 'llama_serve_e2e_request_latency_seconds_sum{route="chat"} 1.0' in text
+    assert 'llama_serve_requests_total{route="chat",status="200"} 1.0' in text
+    assert "llama_serve_prompt_tokens_total 10.0" in text and "llama_serve_generation_tokens_total 3.0" in text
+    metrics.set_engine_stats(EngineStats(3, 1, 0.25, 30, 40, 2))
+    text = metrics.render().decode()
+    assert "llama_serve_num_requests_running 3.0" in text and "llama_serve_kv_cache_usage_ratio 0.25" in text
+
+
+def test_a_tool_call_delta_becomes_an_openai_chunk():
+    import json
+
+    from serve_app.ingress import chat_chunk_lines
+    from serve_app.protocol import ChatCompletionChunk, FunctionCall, ToolCall
+
+    call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city": "Oslo"}'))
+
+    def chunk(choices):
+        body = ChatCompletionChunk(id="x", created=0, model="m", choices=choices)
+        return json.dumps(body.model_dump()) + "\n"
+
+    first, last = [json.loads(line) for line in chat_chunk_lines(
+        ChoiceDelta(0, "", "tool_calls", tool_calls=[call]), chunk, False).splitlines()]
+    delta = first["choices"][0]["delta"]
+    assert "content" not in delta and delta["tool_calls"][0] == {"index": 0, "id": "call_1", "type": "function",
+                                                                 "function": {"name": "get_weather",
+                                                                              "arguments": '{"city": "Oslo"}'}}
+    assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}

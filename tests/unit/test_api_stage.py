@@ -1,0 +1,146 @@
+"""ChatStage without Ray: /v1/completions and chat share one loop; tools in and tool calls out; limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from serve_app.config import ApiConfig, ModelConfig, PricingConfig
+from serve_app.engine.sequence import EngineRequest, FinishReason, RequestOutput
+from serve_app.errors import ContextLengthExceededError, InvalidRequestError
+from serve_app.protocol import ChatCompletionRequest, CompletionRequest
+from serve_app.stage.chat import ChatStage, ChoiceDelta, UsageReport
+from serve_app.stage.tools import parse_tool_calls, with_tools
+
+MODEL = "tiny"
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
+
+
+def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest]):
+    """A fake engine that answers every request with `reply`'s tokens, one per step, then EOS."""
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+
+    async def generate(request: EngineRequest):
+        seen.append(request)
+        tokens = ids[: request.params.max_tokens]
+        for i, token in enumerate(tokens):
+            last = i == len(tokens) - 1
+            reason = (FinishReason.LENGTH if len(tokens) < len(ids) else FinishReason.STOP) if last else None
+            yield [RequestOutput(request.request_id, [token], len(request.prompt_token_ids), i + 1,
+                                 finished=last, finish_reason=reason)]
+
+    return generate
+
+
+def make_stage(tokenizer, reply: str, seen: list, **api) -> ChatStage:
+    model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
+    return ChatStage(tokenizer, model, PricingConfig(), scripted_engine(tokenizer, reply, seen), ApiConfig(**api))
+
+
+def collect(stream) -> list:
+    async def run():
+        return [event async for batch in stream for event in batch]
+
+    return asyncio.run(run())
+
+
+def texts(events) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for event in events:
+        if isinstance(event, ChoiceDelta):
+            out[event.index] = out.get(event.index, "") + event.text
+    return out
+
+
+def test_completions_index_choices_by_prompt_then_n_and_echo(tokenizer):
+    seen: list[EngineRequest] = []
+    stage = make_stage(tokenizer, "and so on", seen)  # SentencePiece adds the space
+    request = CompletionRequest.model_validate({"model": MODEL, "prompt": ["Hello", "Bye"], "n": 2, "echo": True})
+    events = collect(stage.complete(request))
+    assert texts(events) == {0: "Hello and so on", 1: "Hello and so on", 2: "Bye and so on", 3: "Bye and so on"}
+    assert [r.prompt_token_ids[0] for r in seen] == [tokenizer.bos_token_id] * 4
+    usage = events[-1].usage
+    assert isinstance(events[-1], UsageReport)
+    assert usage.prompt_tokens == sum(len(r.prompt_token_ids) for r in seen[::2])
+    assert usage.completion_tokens == 4 * len(tokenizer.encode("and so on", add_special_tokens=False))
+    assert all(r.params.max_tokens == 16 for r in seen)  # OpenAI's default for completions
+
+
+def test_completion_limits(tokenizer):
+    stage = make_stage(tokenizer, "x", [], max_prompts=2)
+    with pytest.raises(InvalidRequestError) as error:
+        stage.prepare_completion(CompletionRequest.model_validate({"model": MODEL, "prompt": ["a", "b", "c"]}))
+    assert error.value.param == "prompt"
+    with pytest.raises(ContextLengthExceededError) as error:
+        stage.prepare_completion(CompletionRequest.model_validate({"model": MODEL, "prompt": "word " * 600}))
+    assert error.value.param == "prompt" and "in the prompt" in error.value.message
+
+
+def test_message_limit(tokenizer):
+    stage = make_stage(tokenizer, "x", [], max_messages=2)
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    with pytest.raises(InvalidRequestError) as error:
+        stage.prepare(ChatCompletionRequest.model_validate({"model": MODEL, "messages": messages}))
+    assert error.value.param == "messages"
+
+
+def test_a_json_reply_naming_a_tool_is_a_tool_call(tokenizer):
+    reply = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    stage = make_stage(tokenizer, reply, [])
+    request = ChatCompletionRequest.model_validate(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "stream": True})
+    deltas = [e for e in collect(stage.chat(request)) if isinstance(e, ChoiceDelta)]
+    (last,) = deltas  # held until the reply is whole
+    assert last.finish_reason == "tool_calls" and last.text == ""
+    (call,) = last.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+def test_tool_choice_none_ignores_the_tools(tokenizer):
+    reply = '{"name": "get_weather", "arguments": {}}'
+    seen: list[EngineRequest] = []
+    stage = make_stage(tokenizer, reply, seen)
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}]}
+    none = ChatCompletionRequest.model_validate({**base, "tools": [WEATHER], "tool_choice": "none"})
+    events = collect(stage.chat(none))
+    assert texts(events) == {0: f" {reply}"} and all(not getattr(e, "tool_calls", None) for e in events)
+    collect(stage.chat(ChatCompletionRequest.model_validate(base)))
+    collect(stage.chat(ChatCompletionRequest.model_validate({**base, "tools": [WEATHER]})))
+    assert seen[0].prompt_token_ids == seen[1].prompt_token_ids
+    assert len(seen[2].prompt_token_ids) > len(seen[1].prompt_token_ids)  # "auto" adds the schemas
+
+
+def test_with_tools_extends_the_system_message_or_adds_one():
+    from serve_app.protocol import ChatMessage, Tool
+
+    tools = [Tool.model_validate(WEATHER)]
+    user = ChatMessage(role="user", content="hi")
+    (system, _) = with_tools([user], tools)
+    assert system.role == "system" and "get_weather" in system.content
+    (_, merged) = with_tools([user, ChatMessage(role="system", content="Be brief.")], tools)
+    assert merged.content.startswith("Be brief.\n\n") and "get_weather" in merged.content
+
+
+@pytest.mark.parametrize("text, names", [
+    ('{"name": "get_weather", "arguments": {"city": "Oslo"}}', ["get_weather"]),
+    ('```json\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}\n```', ["get_weather"]),
+    ('[{"name": "get_weather", "arguments": {}}, {"name": "get_weather", "arguments": {}}]',
+     ["get_weather", "get_weather"]),
+    ('{"name": "launch_rockets", "arguments": {}}', None),
+    ('The weather is {"name": "get_weather"}', None),
+    ('{"name": "get_weather", "arguments": [1]}', None),
+    ("{not json", None),
+])
+def test_parse_tool_calls(text, names):
+    from serve_app.protocol import Tool
+
+    calls = parse_tool_calls(text, [Tool.model_validate(WEATHER)])
+    assert (None if calls is None else [c.function.name for c in calls]) == names

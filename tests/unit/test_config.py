@@ -29,11 +29,11 @@ def test_shipped_configs_validate_and_bind_localhost(path):
 
 def test_gpu_configs_have_the_documented_tensor_parallelism():
     sizes = {p.stem: AppConfig.model_validate(_args(p)).model.tensor_parallel_size for p in CONFIGS}
-    assert sizes == {"llama2-7b-chat": 2, "llama2-13b-chat": 2, "llama2-70b-chat": 8, "tiny": 2}
+    assert sizes == {"llama2-7b-chat": 2, "llama2-13b-chat": 2, "llama2-70b-chat": 8, "tiny": 2, "tiny-tp1": 1}
 
 
 def test_unknown_keys_are_rejected():
-    args = _args(CONFIGS[-1])
+    args = _args(next(p for p in CONFIGS if p.stem == "tiny"))
     args["engine"]["max_num_seq"] = 8  # typo of max_num_seqs
     with pytest.raises(ValidationError, match="max_num_seq"):
         AppConfig.model_validate(args)

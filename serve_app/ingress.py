@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -107,6 +108,31 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 # Module-level helpers stand above the deployment class: `@serve.deployment` serializes the class when it is
 # defined, and names defined after that point would be missing in the replica.
+
+
+@dataclass
+class CollectedChoices:
+    """A whole non-streamed response's choices, gathered from the stage's events."""
+
+    texts: list[str]
+    reasons: list[str | None]
+    logprobs: list[list[TokenLogprob]]
+    calls: list[list | None]
+    usage: Any = None
+
+
+async def collect_choices(batches, count: int) -> CollectedChoices:
+    got = CollectedChoices([""] * count, [None] * count, [[] for _ in range(count)], [None] * count)
+    async for batch in batches:
+        for event in batch:
+            if isinstance(event, UsageReport):
+                got.usage = event.usage
+                continue
+            got.texts[event.index] += event.text
+            got.reasons[event.index] = event.finish_reason or got.reasons[event.index]
+            got.logprobs[event.index].extend(event.logprobs or [])
+            got.calls[event.index] = event.tool_calls or got.calls[event.index]
+    return got
 
 
 def resolve_api_keys(api: ApiConfig, environ: Mapping[str, str]) -> tuple[str, ...]:
@@ -429,28 +455,15 @@ class Ingress:
     # -- /v1/chat/completions --------------------------------------------------------------------------------
 
     async def _collect_chat(self, request: ChatCompletionRequest, batches) -> dict:
-        texts = [""] * request.n
-        reasons: list[str | None] = [None] * request.n
-        logprobs: list[list] = [[] for _ in range(request.n)]
-        calls: list[list | None] = [None] * request.n
-        usage = None
-        async for batch in batches:
-            for event in batch:
-                if isinstance(event, UsageReport):
-                    usage = event.usage
-                    continue
-                texts[event.index] += event.text
-                reasons[event.index] = event.finish_reason or reasons[event.index]
-                logprobs[event.index].extend(event.logprobs or [])
-                calls[event.index] = event.tool_calls or calls[event.index]
-        choices = [
-            ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=None if calls[i] else texts[i],
-                                                                        tool_calls=calls[i]),
-                                 logprobs=ChoiceLogprobs(content=logprobs[i]) if request.logprobs else None,
-                                 finish_reason=reasons[i])
-            for i in range(request.n)
-        ]
-        return ChatCompletionResponse(model=request.model, choices=choices, usage=usage).model_dump()
+        got = await collect_choices(batches, request.n)
+        choices = []
+        for i in range(request.n):
+            # A reply that is a tool call has no content, as in OpenAI's responses.
+            message = ChatCompletionMessage(content=None if got.calls[i] else got.texts[i], tool_calls=got.calls[i])
+            choices.append(ChatCompletionChoice(
+                index=i, message=message, finish_reason=got.reasons[i],
+                logprobs=ChoiceLogprobs(content=got.logprobs[i]) if request.logprobs else None))
+        return ChatCompletionResponse(model=request.model, choices=choices, usage=got.usage).model_dump()
 
     async def _chat_sse(self, request: ChatCompletionRequest, batches) -> AsyncIterator[str]:
         chunk_id, created = completion_id(), int(time.time())
@@ -478,26 +491,15 @@ class Ingress:
 
     async def _collect_completion(self, request: CompletionRequest, batches) -> dict:
         count = self._num_choices(request)
-        texts = [""] * count
-        reasons: list[str | None] = [None] * count
-        logprobs: list[list[TokenLogprob]] = [[] for _ in range(count)]
-        usage = None
-        async for batch in batches:
-            for event in batch:
-                if isinstance(event, UsageReport):
-                    usage = event.usage
-                    continue
-                texts[event.index] += event.text
-                reasons[event.index] = event.finish_reason or reasons[event.index]
-                logprobs[event.index].extend(event.logprobs or [])
+        got = await collect_choices(batches, count)
         echo = [request.prompts[i // request.n] if request.echo else "" for i in range(count)]
         choices = [
-            CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i],
-                             logprobs=legacy_logprobs(logprobs[i], request.logprobs, len(echo[i]))
+            CompletionChoice(index=i, text=got.texts[i], finish_reason=got.reasons[i],
+                             logprobs=legacy_logprobs(got.logprobs[i], request.logprobs, len(echo[i]))
                              if request.logprobs is not None else None)
             for i in range(count)
         ]
-        return CompletionResponse(model=request.model, choices=choices, usage=usage).model_dump()
+        return CompletionResponse(model=request.model, choices=choices, usage=got.usage).model_dump()
 
     async def _completion_sse(self, request: CompletionRequest, batches) -> AsyncIterator[str]:
         chunk_id, created = completion_id("cmpl"), int(time.time())

@@ -93,6 +93,8 @@ class ApiConfig(StrictModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
     max_messages: int = Field(256, ge=1, description="Most messages in one chat request (400 beyond).")
     max_prompts: int = Field(16, ge=1, description="Most prompts in one `/v1/completions` request.")
+    max_n: int = Field(8, ge=1, le=128, description="Most choices (`n`) one request may ask for; each is a "
+                       "sequence in the engine's batch.")
     max_waiting_requests: int = Field(
         256, ge=1, description="Engine requests admitted but not yet started, per replica group; beyond "
         "that a request is refused at once with 429.")

@@ -28,8 +28,8 @@ from pydantic_core import PydanticCustomError
 
 from serve_app.engine.sampling_params import SamplingParams
 
-MAX_N = 8
-"""Most completions one request may ask for (`n`); each one is a sequence in the engine's batch."""
+MAX_N = 128
+"""The schema's ceiling on `n`; the deployment's own limit is `api.max_n` (default 8), checked by the stage."""
 
 _REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 

@@ -88,6 +88,7 @@ class ChatStage:
 
     def prepare(self, request: ChatCompletionRequest) -> tuple[list[int], int]:
         """The prompt's token ids and the completion budget; raises before any engine work is done."""
+        self._check_n(request)
         if len(request.messages) > self.api.max_messages:
             raise InvalidRequestError(f"Too many messages: {len(request.messages)}; at most "
                                       f"{self.api.max_messages} are allowed.", param="messages")
@@ -98,6 +99,7 @@ class ChatStage:
 
     def prepare_completion(self, request: CompletionRequest) -> list[_Prompt]:
         """Each prompt's token ids (BOS + text) and budget; raises before any engine work is done."""
+        self._check_n(request)
         texts = request.prompts
         if len(texts) > self.api.max_prompts:
             raise InvalidRequestError(f"Too many prompts: {len(texts)}; at most {self.api.max_prompts} are "
@@ -108,6 +110,11 @@ class ChatStage:
             prompts.append(_Prompt(ids, self._budget(ids, request.max_tokens, request, "prompt"),
                                    text if request.echo else ""))
         return prompts
+
+    def _check_n(self, request: SamplingRequest) -> None:
+        if request.n > self.api.max_n:
+            raise InvalidRequestError(f"Invalid 'n': at most {self.api.max_n} choices per request, got "
+                                      f"{request.n}.", param="n")
 
     def _budget(self, prompt: list[int], max_tokens: int | None, request: SamplingRequest, param: str) -> int:
         limit = self.model.max_model_len

@@ -144,3 +144,12 @@ def test_parse_tool_calls(text, names):
 
     calls = parse_tool_calls(text, [Tool.model_validate(WEATHER)])
     assert (None if calls is None else [c.function.name for c in calls]) == names
+
+
+def test_n_beyond_the_configured_maximum_is_a_400_naming_n(tokenizer):
+    request = ChatCompletionRequest.model_validate(
+        {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "n": 3})
+    with pytest.raises(InvalidRequestError) as error:
+        make_stage(tokenizer, "", [], max_n=2).prepare(request)
+    assert error.value.param == "n"
+    assert make_stage(tokenizer, "", [], max_n=3).prepare(request)[0][0] == tokenizer.bos_token_id

@@ -100,7 +100,8 @@ class ApiConfig(StrictModel):
         "that a request is refused at once with 429.")
     max_waiting_tokens: int = Field(
         65536, ge=1, description="Prompt tokens of those waiting requests, per replica group (429 beyond).")
-    retry_after_s: float = Field(1.0, gt=0, description="The Retry-After sent with 429 and 503.")
+    retry_after_s: float = Field(
+        1.0, gt=0, description="The Retry-After sent when the engine refuses a request (429).")
     cors_allow_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty (the default) turns CORS off.")
 

@@ -26,7 +26,7 @@ from serve_app.autoscaling import engine_load_metrics
 from serve_app.config import AppConfig
 from serve_app.engine.engine import Engine, EngineStats, build_engine
 from serve_app.engine.sequence import EngineRequest, RequestOutput
-from serve_app.errors import OverloadedError
+from serve_app.errors import InvalidRequestError, OverloadedError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class EngineLoop:
         self._commands.put(("add", request))
         finished = False
         try:
+            if self._failure is not None:  # failed after the check above, before this stream was known
+                raise EngineFailed("the engine is not running") from self._failure
             while not finished:
                 # Flush the first item at once; coalesce whatever else is already there into the same chunk.
                 batch = [await outputs.get()]
@@ -110,7 +112,7 @@ class EngineLoop:
                     batch.append(outputs.get_nowait())
                 for item in batch:
                     if isinstance(item, ValueError):  # the engine refused the request itself
-                        raise item
+                        raise InvalidRequestError(str(item)) from None
                     if isinstance(item, BaseException):
                         raise EngineFailed("the engine failed while running this request") from item
                 finished = batch[-1].finished
@@ -143,6 +145,10 @@ class EngineLoop:
             self._failure = exc
             for request_id in list(self._streams):
                 self._deliver(request_id, exc)
+            try:  # release the followers rather than leave them waiting in a collective
+                self.engine.shutdown()
+            except Exception:
+                logger.warning("the tensor-parallel group did not shut down cleanly", exc_info=True)
 
     def _drain(self, block: bool) -> bool:
         """Apply pending commands; when idle, wait for one (heartbeating). False when asked to stop."""

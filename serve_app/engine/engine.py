@@ -59,6 +59,9 @@ class Engine:
         if not prompt_token_ids or len(prompt_token_ids) >= self.limits.max_model_len:
             raise ValueError(f"a prompt needs 1 to {self.limits.max_model_len - 1} tokens, "
                              f"got {len(prompt_token_ids)}")
+        # Checked here, against the model's own vocabulary, so one request cannot fail a step for all.
+        if any(not 0 <= token < self.runner.vocab_size for token in params.logit_bias):
+            raise ValueError(f"logit_bias names a token id outside the vocabulary of {self.runner.vocab_size}")
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)

@@ -154,6 +154,7 @@ class ModelRunner:
 
     def _run(self, step: StepInput) -> torch.Tensor:
         batch = llama.AttentionBatch.build(step.query_starts.tolist(), step.context_lens.tolist(),
-                                           step.block_tables.to(self.device), step.slots.to(self.device))
+                                           step.block_tables.to(self.device), step.slots.to(self.device),
+                                           self.block_size)
         return llama.forward(self.model, self.kv_cache, step.input_ids.to(self.device),
                              step.positions.to(self.device), batch, step.sample_rows.to(self.device))

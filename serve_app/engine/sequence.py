@@ -8,7 +8,6 @@ so a stream costs O(1) per token to forward.
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,7 +32,6 @@ class Sequence:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     # Tokens whose keys/values are already in the cache. Reset to 0 on preemption: the sequence is then
@@ -43,7 +41,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     # Only seeded requests own a generator, so their draws never depend on what else is in the batch.
     generator: torch.Generator | None = None
-    num_preemptions: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -53,12 +50,10 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def token_id_at(self, index: int) -> int:
-        if index < self.num_prompt_tokens:
-            return self.prompt_token_ids[index]
-        return self.output_token_ids[index - self.num_prompt_tokens]
-
     def token_ids_slice(self, start: int, stop: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if start >= prompt_len:  # decode steps: no copy of the whole history
+            return self.output_token_ids[start - prompt_len:stop - prompt_len]
         return (self.prompt_token_ids + self.output_token_ids)[start:stop]
 
     @property

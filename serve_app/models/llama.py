@@ -23,7 +23,8 @@ class AttentionBatch:
     """Where each sequence's tokens sit in the flat step, and how much context each one has.
 
     `query_starts[b]:query_starts[b+1]` are sequence b's tokens in this step; `context_lens[b]` is its cache
-    length after this step (so its first new token is at position `context_lens[b] - query_len`).
+    length after this step (so its first new token is at position `context_lens[b] - query_len`). Built once
+    per step, so no layer recomputes these or syncs with the device.
     """
 
     query_starts: list[int]
@@ -31,16 +32,34 @@ class AttentionBatch:
     block_tables: torch.Tensor  # [B, max_blocks], padded with 0
     slots: torch.Tensor  # [T] flat cache slot of every token in the step
     # Decode rows (one query token with earlier context) are attended in one batched call.
-    decode_rows: list[int]
-    decode_context_lens: torch.Tensor  # [len(decode_rows)]
+    decode_rows: frozenset[int]
+    decode_tokens: torch.Tensor | None  # [R] each decode row's token index in the step
+    decode_blocks: torch.Tensor | None  # [R * W] their block tables, flat, W = blocks of the longest
+    decode_valid: torch.Tensor | None  # [R, 1, 1, W * block_size] True where a row has context
+    causal_masks: dict[int, torch.Tensor]  # prefill rows with cached context: their offset causal mask
 
     @classmethod
     def build(cls, query_starts: list[int], context_lens: list[int], block_tables: torch.Tensor,
-              slots: torch.Tensor) -> AttentionBatch:
-        decode_rows = [b for b in range(len(context_lens))
-                       if query_starts[b + 1] - query_starts[b] == 1 and context_lens[b] > 1]
-        return cls(query_starts, context_lens, block_tables, slots, decode_rows,
-                   torch.tensor([context_lens[b] for b in decode_rows], device=block_tables.device))
+              slots: torch.Tensor, block_size: int) -> AttentionBatch:
+        device = block_tables.device
+        rows = [b for b in range(len(context_lens))
+                if query_starts[b + 1] - query_starts[b] == 1 and context_lens[b] > 1]
+        tokens = blocks = valid = None
+        if rows:
+            width = -(-max(context_lens[b] for b in rows) // block_size)
+            tokens = torch.tensor([query_starts[b] for b in rows], device=device)
+            blocks = block_tables[rows, :width].flatten()
+            lens = torch.tensor([context_lens[b] for b in rows], device=device)
+            valid = (torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        masks = {}
+        for b, context_len in enumerate(context_lens):
+            query_len = query_starts[b + 1] - query_starts[b]
+            if 1 < query_len:
+                key_pos = torch.arange(context_len, device=device)
+                query_pos = torch.arange(context_len - query_len, context_len, device=device)
+                masks[b] = key_pos[None, :] <= query_pos[:, None]
+        return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), tokens, blocks, valid,
+                   masks)
 
 
 def layout(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -82,9 +101,8 @@ def _attention(attn: torch.nn.Module, layer_index: int, hidden: torch.Tensor, co
 
     out = torch.empty_like(q)
     gqa = q.shape[0] != k.shape[0]
-    decode_rows = set(batch.decode_rows)
     for b, context_len in enumerate(batch.context_lens):
-        if b in decode_rows:
+        if b in batch.decode_rows:
             continue
         start, stop = batch.query_starts[b], batch.query_starts[b + 1]
         query_len = stop - start
@@ -93,14 +111,9 @@ def _attention(attn: torch.nn.Module, layer_index: int, hidden: torch.Tensor, co
         else:
             keys, values = kv_cache.read(layer_index, batch.block_tables[b], context_len)
             keys, values = keys.transpose(0, 1), values.transpose(0, 1)
-        mask = None
-        if query_len > 1:
-            first_position = context_len - query_len
-            key_pos = torch.arange(context_len, device=q.device)
-            query_pos = torch.arange(first_position, context_len, device=q.device)
-            mask = key_pos[None, :] <= query_pos[:, None]
         out[:, start:stop] = F.scaled_dot_product_attention(
-            q[:, start:stop], keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
+            q[:, start:stop], keys, values, attn_mask=batch.causal_masks.get(b), scale=attn.scaling,
+            enable_gqa=gqa)
 
     if batch.decode_rows:
         _batched_decode_attention(attn, layer_index, q, out, kv_cache, batch, gqa)
@@ -112,18 +125,12 @@ def _attention(attn: torch.nn.Module, layer_index: int, hidden: torch.Tensor, co
 def _batched_decode_attention(attn: torch.nn.Module, layer_index: int, q: torch.Tensor, out: torch.Tensor,
                               kv_cache: KVCache, batch: AttentionBatch, gqa: bool) -> None:
     """One attention call for all single-token rows: gather their blocks, mask each past its length."""
-    rows = torch.tensor([batch.query_starts[b] for b in batch.decode_rows], device=q.device)
-    lens = batch.decode_context_lens
-    max_blocks = -(-int(lens.max()) // kv_cache.shape.block_size)
-    tables = batch.block_tables[batch.decode_rows, :max_blocks]
     num_rows = len(batch.decode_rows)
-    shape = (num_rows, max_blocks * kv_cache.shape.block_size, kv_cache.shape.num_kv_heads, -1)
+    shape = (num_rows, -1, kv_cache.shape.num_kv_heads, kv_cache.shape.head_dim)
     # index_select on the flat block list copies whole blocks; advanced indexing is ~3x slower on CPU.
-    flat_tables = tables.flatten()
-    keys = kv_cache.keys[layer_index].index_select(0, flat_tables).view(shape).transpose(1, 2)  # [R, Hkv, L, D]
-    values = kv_cache.values[layer_index].index_select(0, flat_tables).view(shape).transpose(1, 2)
-    valid = torch.arange(keys.shape[2], device=q.device)[None, :] < lens[:, None]  # [R, L]
-    queries = q[:, rows].transpose(0, 1).unsqueeze(2)  # [R, Hq, 1, D]
-    result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=valid[:, None, None, :],
+    keys = kv_cache.keys[layer_index].index_select(0, batch.decode_blocks).view(shape).transpose(1, 2)
+    values = kv_cache.values[layer_index].index_select(0, batch.decode_blocks).view(shape).transpose(1, 2)
+    queries = q[:, batch.decode_tokens].transpose(0, 1).unsqueeze(2)  # [R, Hq, 1, D]
+    result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=batch.decode_valid,
                                             scale=attn.scaling, enable_gqa=gqa)
-    out[:, rows] = result.squeeze(2).transpose(0, 1)
+    out[:, batch.decode_tokens] = result.squeeze(2).transpose(0, 1)

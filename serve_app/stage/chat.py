@@ -169,8 +169,19 @@ class ChatStage:
             try:
                 async for outputs in stream:
                     new_tokens = [t for output in outputs for t in output.new_token_ids]
-                    completion_tokens[index] += len(new_tokens)
-                    text, stopped = stops.push(detokenizer.push(new_tokens))
+                    if request.stop:
+                        # One token at a time, so a stop string completed mid-batch ends the count (usage)
+                        # and the logprobs at the token that completed it, whatever the batching.
+                        text, stopped, used = "", False, 0
+                        for token in new_tokens:
+                            piece, stopped = stops.push(detokenizer.push([token]))
+                            text, used = text + piece, used + 1
+                            if stopped:
+                                break
+                    else:
+                        text, stopped = stops.push(detokenizer.push(new_tokens))
+                        used = len(new_tokens)
+                    completion_tokens[index] += used
                     last = outputs[-1]
                     reason = None
                     if stopped:
@@ -180,14 +191,14 @@ class ChatStage:
                         text += tail if stopped else tail + stops.flush()
                         reason = FinishReason.STOP.value if stopped else last.finish_reason.value
                     held_text += text
-                    held_logprobs += self._logprobs(outputs) if logprobs else []
+                    held_logprobs += self._logprobs(outputs)[:used] if logprobs else []
                     if reason is not None and parse_tools is not None and (calls := parse_tools(held_text)):
                         await events.put([ChoiceDelta(index, "", "tool_calls", held_logprobs or None,
-                                                      len(new_tokens), calls)])
+                                                      used, calls)])
                         return
                     if reason is not None or (parse_tools is None and (held_text or held_logprobs)):
                         await events.put([ChoiceDelta(index, held_text, reason, held_logprobs or None,
-                                                      len(new_tokens))])
+                                                      used)])
                         held_text, held_logprobs = "", []
                     if reason is not None:
                         return
@@ -197,6 +208,7 @@ class ChatStage:
         tasks = [asyncio.create_task(run_choice(p * request.n + j, prompt))
                  for p, prompt in enumerate(prompts) for j in range(request.n)]
         pending = set(tasks)
+        getter = None
         try:
             while pending:
                 getter = asyncio.ensure_future(events.get())
@@ -220,6 +232,8 @@ class ChatStage:
                 self.pricing.output_per_million_tokens / 1e6)))
             yield rest
         finally:
+            if getter is not None:
+                getter.cancel()
             for task in tasks:
                 task.cancel()
 

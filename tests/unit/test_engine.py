@@ -188,3 +188,13 @@ def test_penalties_kept_on_device_match_counting_from_token_ids(tiny_checkpoint,
         assert engine.penalties._slots == {}  # every slot was released
     finally:
         engine.shutdown()
+
+
+def test_a_request_the_engine_cannot_serve_is_refused_alone(engine_tp1):
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine_tp1.add_request("bad-bias", [1, 15043], SamplingParams(max_tokens=2, logit_bias={40000: 5.0}))
+    with pytest.raises(ValueError, match="prompt"):
+        engine_tp1.add_request("too-long", [1] * 1024, SamplingParams(max_tokens=2))
+    engine_tp1.add_request("fine", [1, 15043], SamplingParams(max_tokens=2, temperature=0))
+    while engine_tp1.has_unfinished():
+        engine_tp1.step()

@@ -153,3 +153,24 @@ def test_n_beyond_the_configured_maximum_is_a_400_naming_n(tokenizer):
         make_stage(tokenizer, "", [], max_n=2).prepare(request)
     assert error.value.param == "n"
     assert make_stage(tokenizer, "", [], max_n=3).prepare(request)[0][0] == tokenizer.bos_token_id
+
+
+def test_a_stop_string_inside_a_coalesced_batch_ends_usage_at_its_token(tokenizer):
+    """The replica may deliver several tokens in one batch; usage must not depend on that batching."""
+    reply = "Hello there, my friend. How are you today?"
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+
+    async def one_batch(request: EngineRequest):
+        yield [RequestOutput(request.request_id, [token], len(request.prompt_token_ids), i + 1,
+                             finished=i == len(ids) - 1, finish_reason=FinishReason.STOP if i == len(ids) - 1
+                             else None) for i, token in enumerate(ids)]
+
+    model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
+    stage = ChatStage(tokenizer, model, PricingConfig(), one_batch, ApiConfig())
+    request = ChatCompletionRequest.model_validate(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stop": ["friend"]})
+    events = collect(stage.chat(request))
+    assert texts(events)[0] == " Hello there, my "
+    usage = next(e.usage for e in events if isinstance(e, UsageReport))
+    tokens_through_stop = len(tokenizer.encode("Hello there, my friend", add_special_tokens=False))
+    assert usage.completion_tokens == tokens_through_stop < len(ids)

@@ -44,6 +44,10 @@ class EngineConfig(StrictModel):
         1.0, gt=0, description="On CPU: Ray CPUs reserved per rank (each rank's placement-group bundle).")
     cpu_threads_per_rank: int | None = Field(
         None, ge=1, description="On CPU: torch threads per rank; default leaves torch's choice.")
+    stream_interval_s: float = Field(
+        0.0, ge=0, le=1, description="After a stream's first token (always sent at once), wait this long "
+        "to send later tokens together: fewer messages per token through the deployments, at the cost of "
+        "burstier inter-token latency. 0 sends every engine step's tokens as they come.")
     collective_timeout_s: float = Field(
         120.0, gt=0, description="A rank that does not answer a collective in this time fails the group.")
     heartbeat_interval_s: float = Field(

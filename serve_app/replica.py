@@ -52,10 +52,12 @@ class AdmissionLimits:
 class EngineLoop:
     """The thread that owns an `Engine`, and the bridge from it to asyncio streams."""
 
-    def __init__(self, engine: Engine, heartbeat_interval_s: float, limits: AdmissionLimits | None = None):
+    def __init__(self, engine: Engine, heartbeat_interval_s: float, limits: AdmissionLimits | None = None,
+                 stream_interval_s: float = 0.0):
         self.engine = engine
         self.heartbeat_interval_s = heartbeat_interval_s
         self.limits = limits
+        self.stream_interval_s = stream_interval_s
         # Requests added but without a first output yet (the engine's waiting queue plus prefills in
         # flight), with their prompt lengths. Touched only from the event loop that calls `generate`.
         self._waiting: dict[str, int] = {}
@@ -104,9 +106,14 @@ class EngineLoop:
         try:
             if self._failure is not None:  # failed after the check above, before this stream was known
                 raise EngineFailed("the engine is not running") from self._failure
+            first = True
             while not finished:
                 # Flush the first item at once; coalesce whatever else is already there into the same chunk.
                 batch = [await outputs.get()]
+                if (not first and self.stream_interval_s and isinstance(batch[-1], RequestOutput)
+                        and not batch[-1].finished):
+                    await asyncio.sleep(self.stream_interval_s)  # let later steps join this message
+                first = False
                 self._waiting.pop(request.request_id, None)
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
@@ -193,7 +200,8 @@ class LlamaReplica:
         engine = build_engine(config.model, config.engine, use_ray=True)
         api = config.api
         limits = AdmissionLimits(api.max_waiting_requests, api.max_waiting_tokens, api.retry_after_s)
-        self.loop = EngineLoop(engine, config.engine.heartbeat_interval_s, limits)
+        self.loop = EngineLoop(engine, config.engine.heartbeat_interval_s, limits,
+                               config.engine.stream_interval_s)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
         async for batch in self.loop.generate(request):

@@ -137,8 +137,8 @@ class Engine:
         sample_rows: list[int] = []
         sampling_seqs: list[Sequence] = []
         width = max(len(chunk.seq.block_table) for chunk in scheduled.chunks)
-        tables = torch.zeros((len(scheduled.chunks), width), dtype=torch.int64)
-        for row, chunk in enumerate(scheduled.chunks):
+        tables: list[list[int]] = []
+        for chunk in scheduled.chunks:
             seq, start, stop = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
             input_ids.extend(seq.token_ids_slice(start, stop))
             positions.extend(range(start, stop))
@@ -146,16 +146,16 @@ class Engine:
             slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, stop))
             query_starts.append(len(input_ids))
             context_lens.append(stop)
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int64)
+            tables.append(table + [0] * (width - len(table)))
             if chunk.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampling_seqs.append(seq)
 
-        def as_tensor(values: list[int]) -> torch.Tensor:
+        def as_tensor(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64)
 
         step = StepInput(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), as_tensor(query_starts),
-                         as_tensor(context_lens), tables, as_tensor(sample_rows))
+                         as_tensor(context_lens), as_tensor(tables), as_tensor(sample_rows))
         return step, sampling_seqs
 
     @staticmethod

@@ -118,8 +118,11 @@ class ModelRunner:
         """Broadcast the step, run it here too, return logits `[S, vocab]` (meaningful on rank 0)."""
         if self.world_size > 1:
             header, payload = step.pack()
+            payload = payload.to(self._comm_device)
             dist.broadcast(header.to(self._comm_device), src=0)
-            dist.broadcast(payload.to(self._comm_device), src=0)
+            dist.broadcast(payload, src=0)
+            # Run from the copy already on the device, as the followers do, instead of copying again.
+            step = StepInput.unpack(header, payload.to(self.device))
         return self._run(step)
 
     def heartbeat(self) -> None:

@@ -164,7 +164,7 @@ class ChatStage:
             engine_request = EngineRequest(f"{request_id}-{index}", prompt.token_ids, params)
             detokenizer = IncrementalDetokenizer(self.tokenizer)
             stops = StopStringMatcher(request.stop or [])
-            held_text, held_logprobs = prompt.echo, []
+            held_text, held_logprobs, held_tokens = prompt.echo, [], 0
             stream = self.generate(engine_request)
             try:
                 async for outputs in stream:
@@ -182,6 +182,7 @@ class ChatStage:
                         text, stopped = stops.push(detokenizer.push(new_tokens))
                         used = len(new_tokens)
                     completion_tokens[index] += used
+                    held_tokens += used  # tokens whose text is not sent yet, for the latency metrics
                     last = outputs[-1]
                     reason = None
                     if stopped:
@@ -194,12 +195,12 @@ class ChatStage:
                     held_logprobs += self._logprobs(outputs)[:used] if logprobs else []
                     if reason is not None and parse_tools is not None and (calls := parse_tools(held_text)):
                         await events.put([ChoiceDelta(index, "", "tool_calls", held_logprobs or None,
-                                                      used, calls)])
+                                                      held_tokens, calls)])
                         return
                     if reason is not None or (parse_tools is None and (held_text or held_logprobs)):
                         await events.put([ChoiceDelta(index, held_text, reason, held_logprobs or None,
-                                                      used)])
-                        held_text, held_logprobs = "", []
+                                                      held_tokens)])
+                        held_text, held_logprobs, held_tokens = "", [], 0
                     if reason is not None:
                         return
             finally:

@@ -174,3 +174,12 @@ def test_a_stop_string_inside_a_coalesced_batch_ends_usage_at_its_token(tokenize
     usage = next(e.usage for e in events if isinstance(e, UsageReport))
     tokens_through_stop = len(tokenizer.encode("Hello there, my friend", add_special_tokens=False))
     assert usage.completion_tokens == tokens_through_stop < len(ids)
+
+
+def test_every_generated_token_is_counted_once_in_the_latency_metrics(tokenizer):
+    """Tokens whose text is held back (the byte tokens of an unfinished emoji) still reach the metrics."""
+    stage = make_stage(tokenizer, "Hi 😀 there", [])
+    request = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+    events = collect(stage.chat(request))
+    usage = next(e.usage for e in events if isinstance(e, UsageReport))
+    assert sum(e.num_tokens for e in events if isinstance(e, ChoiceDelta)) == usage.completion_tokens

@@ -110,6 +110,11 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 # defined, and names defined after that point would be missing in the replica.
 
 
+def sse_data(body: BaseModel) -> str:
+    """One server-sent event carrying `body` as JSON."""
+    return f"data: {json.dumps(body.model_dump(), ensure_ascii=False)}\n\n"
+
+
 @dataclass
 class CollectedChoices:
     """A whole non-streamed response's choices, gathered from the stage's events."""
@@ -469,9 +474,8 @@ class Ingress:
         chunk_id, created = completion_id(), int(time.time())
 
         def chunk(choices: list[ChatCompletionChunkChoice], usage=None) -> str:
-            body = ChatCompletionChunk(id=chunk_id, created=created, model=request.model, choices=choices,
-                                       usage=usage)
-            return f"data: {json.dumps(body.model_dump(), ensure_ascii=False)}\n\n"
+            return sse_data(ChatCompletionChunk(id=chunk_id, created=created, model=request.model,
+                                                choices=choices, usage=usage))
 
         yield chunk([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                      for i in range(request.n)])
@@ -506,9 +510,8 @@ class Ingress:
         offsets = [0] * self._num_choices(request)
 
         def chunk(choices: list[CompletionChoice], usage=None) -> str:
-            body = CompletionResponse(id=chunk_id, created=created, model=request.model, choices=choices,
-                                      usage=usage)
-            return f"data: {json.dumps(body.model_dump(), ensure_ascii=False)}\n\n"
+            return sse_data(CompletionResponse(id=chunk_id, created=created, model=request.model,
+                                               choices=choices, usage=usage))
 
         async for batch in batches:
             for event in batch:

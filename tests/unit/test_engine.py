@@ -113,10 +113,14 @@ def test_abort_frees_blocks_at_once(engine_tp1):
     assert stats.num_free_blocks == stats.num_blocks and not engine_tp1.has_unfinished()
 
 
-def test_kv_exhaustion_preempts_and_resumes_with_identical_tokens(tiny_checkpoint, reference):
-    # 24 blocks of 16 tokens = 384 tokens for 8 sequences of ~60-110 tokens each: preemption is certain.
+def _small_cache_engine(checkpoint) -> Engine:
+    """24 blocks of 16 tokens = 384 tokens: a handful of 60-110-token sequences must preempt each other."""
     block_bytes = 2 * 4 * 16 * 8 * 32 * 4  # K and V, 4 layers, 16 tokens, 8 heads, head_dim 32, fp32
-    engine = _engine(tiny_checkpoint, kv_cache_bytes=24 * block_bytes, max_model_len=384)
+    return _engine(checkpoint, kv_cache_bytes=24 * block_bytes, max_model_len=384)
+
+
+def test_kv_exhaustion_preempts_and_resumes_with_identical_tokens(tiny_checkpoint, reference):
+    engine = _small_cache_engine(tiny_checkpoint)
     try:
         prompts = _random_prompts(8, seed=5, low=40, high=90)
         results = _run(engine, prompts, max_new=MAX_NEW)
@@ -176,8 +180,7 @@ def test_penalties_kept_on_device_match_counting_from_token_ids(tiny_checkpoint,
                 output.append(int(sample(logits, batch).token_ids[0]))
         return output
 
-    block_bytes = 2 * 4 * 16 * 8 * 32 * 4
-    engine = _engine(tiny_checkpoint, kv_cache_bytes=24 * block_bytes, max_model_len=384)
+    engine = _small_cache_engine(tiny_checkpoint)
     try:
         prompts = _random_prompts(6, seed=8, low=40, high=90)
         results = _run(engine, prompts, params=params)

@@ -229,6 +229,8 @@ def run_baselines(args, prompt_len: int, output_len: int) -> dict[str, float]:
         run_generate(hf_model, static, output_len) for _ in range(args.repeats)), 2)
     del hf_model
 
+    if args.engine_threads:
+        torch.set_num_threads(args.engine_threads)
     engine = build_engine(
         ModelConfig(source=args.baseline_source, served_model_id="bench", dtype=args.dtype,
                     max_model_len=max(2048, prompt_len + output_len + 1)),
@@ -236,7 +238,7 @@ def run_baselines(args, prompt_len: int, output_len: int) -> dict[str, float]:
                      kv_cache_bytes=256 * 2**20 if args.device == "cpu" else None))
     ttfts, tpots = [], []
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    for index, prompt in enumerate(prompts(args.repeats + 1, prompt_len, seed=11)):
+    for index, prompt in enumerate(prompts(args.single_stream_requests + 1, prompt_len, seed=11)):
         engine.add_request(f"single-{index}", prompt, params)
         started = time.perf_counter()
         engine.step()
@@ -247,6 +249,7 @@ def run_baselines(args, prompt_len: int, output_len: int) -> dict[str, float]:
             ttfts.append(first - started)
             tpots.append((time.perf_counter() - first) / (output_len - 1))
     engine.shutdown()
+    figures["engine_threads"] = torch.get_num_threads()
     figures["engine_c1_ttft_ms"] = round(statistics.median(ttfts) * 1000, 3)
     figures["engine_c1_tpot_ms"] = round(statistics.median(tpots) * 1000, 3)
     for name, value in figures.items():
@@ -314,7 +317,8 @@ async def serve_load(args) -> dict:
 
         fixed_prompt = text_of(args.prompt_len, rng)
         for streams in (1, args.static_batch):
-            samples = [Sample(fixed_prompt, args.output_len)] * (streams * args.fixed_rounds)
+            count = args.single_stream_requests if streams == 1 else streams * args.fixed_rounds
+            samples = [Sample(fixed_prompt, args.output_len)] * count
             results, wall = await run_point(client, model, samples, extra, concurrency=streams,
                                             label=f"fixed c={streams}")
             report["fixed"][f"c{streams}"] = summarize(results, wall, args.ttft_slo_ms, args.tpot_slo_ms)
@@ -346,7 +350,10 @@ def main() -> None:
     parser.add_argument("--output-median", type=int, default=96, help="ShareGPT-like output tokens, median")
     parser.add_argument("--prompt-len", type=int, default=128, help="fixed-length points: prompt tokens (about)")
     parser.add_argument("--output-len", type=int, default=128, help="fixed-length points: output tokens")
-    parser.add_argument("--fixed-rounds", type=int, default=2, help="fixed points send streams x this many")
+    parser.add_argument("--fixed-rounds", type=int, default=2,
+                        help="the many-stream fixed point sends streams x this many requests")
+    parser.add_argument("--single-stream-requests", type=int, default=16,
+                        help="requests at the one-stream fixed point (and engine runs beside it): p50s of these")
     parser.add_argument("--static-batch", type=int, default=32)
     parser.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     parser.add_argument("--tpot-slo-ms", type=float, default=100.0)
@@ -357,6 +364,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--baseline-threads", type=int, help="torch threads for the baselines (CPU)")
+    parser.add_argument("--engine-threads", type=int,
+                        help="torch threads for the in-process engine (CPU): match the served replica's, e.g. 1 "
+                             "for a rank Ray gives one CPU; default: as --baseline-threads")
     parser.add_argument("--one-at-a-time", type=int, default=3, help="generate calls of one request")
     parser.add_argument("--repeats", type=int, default=3, help="median of this many baseline runs")
     parser.add_argument("--out-dir", default="bench-out")

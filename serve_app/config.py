@@ -45,9 +45,16 @@ class EngineConfig(StrictModel):
     cpu_threads_per_rank: int | None = Field(
         None, ge=1, description="On CPU: torch threads per rank; default leaves torch's choice.")
     stream_interval_s: float = Field(
-        0.0, ge=0, le=1, description="After a stream's first token (always sent at once), wait this long "
-        "to send later tokens together: fewer messages per token through the deployments, at the cost of "
-        "burstier inter-token latency. 0 sends every engine step's tokens as they come.")
+        0.0, ge=0, le=1, description="After a stream's first token (always sent at once), send its later "
+        "tokens at most this often: fewer messages per token through the deployments, at the cost of "
+        "burstier inter-token latency. 0 lets every engine step's tokens go as they come.")
+    stream_messages_per_s: float | None = Field(
+        None, gt=0, description="Bound on the messages per second a replica group sends over all its "
+        "streams: with S streams open, each sends at most every S / this seconds (never less often than "
+        "`stream_max_interval_s`). The serving path's CPU cost is per message, so this keeps it flat as "
+        "concurrency grows; one stream still gets every step. None: no bound.")
+    stream_max_interval_s: float = Field(
+        0.25, gt=0, le=5, description="The longest a stream holds tokens back under `stream_messages_per_s`.")
     collective_timeout_s: float = Field(
         120.0, gt=0, description="A rank that does not answer a collective in this time fails the group.")
     heartbeat_interval_s: float = Field(

@@ -17,13 +17,13 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ray import serve
 
 from serve_app.autoscaling import engine_load_metrics
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, EngineConfig
 from serve_app.engine.engine import Engine, EngineStats, build_engine
 from serve_app.engine.sequence import EngineRequest, RequestOutput
 from serve_app.errors import InvalidRequestError, OverloadedError
@@ -41,6 +41,29 @@ class EngineFailed(RuntimeError):
 
 
 @dataclass(frozen=True)
+class StreamPacing:
+    """How often one stream may send once its first token is out (that one always goes at once).
+
+    Every message costs CPU in each deployment it crosses (serialization, an event-loop wake-up, an SSE
+    write), and on the same cores as the engine. With `messages_per_s`, the interval grows with the number
+    of open streams, so the replica group's message rate stays bounded however many streams are open,
+    while a lone stream still gets every step's tokens.
+    """
+
+    min_interval_s: float = 0.0
+    messages_per_s: float | None = None
+    max_interval_s: float = 0.25
+
+    def interval(self, open_streams: int) -> float:
+        adaptive = open_streams / self.messages_per_s if self.messages_per_s else 0.0
+        return min(max(self.min_interval_s, adaptive), max(self.max_interval_s, self.min_interval_s))
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig) -> StreamPacing:
+        return cls(engine.stream_interval_s, engine.stream_messages_per_s, engine.stream_max_interval_s)
+
+
+@dataclass(frozen=True)
 class AdmissionLimits:
     """How much may wait for its first token; a request past either bound is refused, not queued."""
 
@@ -52,21 +75,29 @@ class AdmissionLimits:
 class EngineLoop:
     """The thread that owns an `Engine`, and the bridge from it to asyncio streams."""
 
-    def __init__(self, engine: Engine, heartbeat_interval_s: float, limits: AdmissionLimits | None = None,
-                 stream_interval_s: float = 0.0):
-        self.engine = engine
+    def __init__(self, engine: Engine | Callable[[], Engine], heartbeat_interval_s: float,
+                 limits: AdmissionLimits | None = None, pacing: StreamPacing | None = None):
+        """`engine`, or a function that builds it. Given the function, the engine thread builds the engine
+        itself, so that all of this rank's torch work runs on one thread: a second thread running torch ops
+        starts a second OpenMP team, and once a process has more OpenMP threads than cores, libgomp's
+        workers stop spinning between parallel regions. On 2 cores that made a 110-token prefill take
+        16 ms instead of 10 (docs/benchmarks.md). Raises what building raised."""
         self.heartbeat_interval_s = heartbeat_interval_s
         self.limits = limits
-        self.stream_interval_s = stream_interval_s
+        self.pacing = pacing or StreamPacing()
         # Requests added but without a first output yet (the engine's waiting queue plus prefills in
         # flight), with their prompt lengths. Touched only from the event loop that calls `generate`.
         self._waiting: dict[str, int] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._failure: BaseException | None = None
-        self._stats = engine.stats()
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        build = engine if callable(engine) and not isinstance(engine, Engine) else (lambda: engine)
+        built = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(build, built), name="engine-loop", daemon=True)
         self._thread.start()
+        built.wait()
+        if self._failure is not None:
+            raise self._failure
 
     @property
     def alive(self) -> bool:
@@ -106,14 +137,14 @@ class EngineLoop:
         try:
             if self._failure is not None:  # failed after the check above, before this stream was known
                 raise EngineFailed("the engine is not running") from self._failure
-            first = True
+            clock = asyncio.get_running_loop()
+            last_sent = None  # the first message goes at once
             while not finished:
-                # Flush the first item at once; coalesce whatever else is already there into the same chunk.
                 batch = [await outputs.get()]
-                if (not first and self.stream_interval_s and isinstance(batch[-1], RequestOutput)
-                        and not batch[-1].finished):
-                    await asyncio.sleep(self.stream_interval_s)  # let later steps join this message
-                first = False
+                if last_sent is not None and isinstance(batch[-1], RequestOutput) and not batch[-1].finished:
+                    hold = last_sent + self.pacing.interval(len(self._streams)) - clock.time()
+                    if hold > 0:
+                        await asyncio.sleep(hold)  # let later steps join this message
                 self._waiting.pop(request.request_id, None)
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
@@ -123,6 +154,7 @@ class EngineLoop:
                     if isinstance(item, BaseException):
                         raise EngineFailed("the engine failed while running this request") from item
                 finished = batch[-1].finished
+                last_sent = clock.time()
                 yield batch
         finally:
             self._waiting.pop(request.request_id, None)
@@ -136,7 +168,15 @@ class EngineLoop:
 
     # -- the engine thread ----------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, build: Callable[[], Engine], built: threading.Event) -> None:
+        try:
+            self.engine = build()
+            self._stats = self.engine.stats()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by __init__ in the calling thread
+            self._failure = exc
+            return
+        finally:
+            built.set()
         try:
             while True:
                 block = not self.engine.has_unfinished()
@@ -197,11 +237,11 @@ class LlamaReplica:
 
     def __init__(self, config: AppConfig):
         logging.basicConfig(level=logging.INFO)
-        engine = build_engine(config.model, config.engine, use_ray=True)
         api = config.api
         limits = AdmissionLimits(api.max_waiting_requests, api.max_waiting_tokens, api.retry_after_s)
-        self.loop = EngineLoop(engine, config.engine.heartbeat_interval_s, limits,
-                               config.engine.stream_interval_s)
+        self.loop = EngineLoop(lambda: build_engine(config.model, config.engine, use_ray=True),
+                               config.engine.heartbeat_interval_s, limits,
+                               StreamPacing.from_config(config.engine))
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
         async for batch in self.loop.generate(request):

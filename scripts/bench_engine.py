@@ -70,6 +70,26 @@ def median_of(repeats: int, measure) -> float:
     return statistics.median(measure() for _ in range(repeats))
 
 
+def shared_prefix_figures(args, model_config: ModelConfig, engine_config: EngineConfig, results: dict) -> None:
+    """The largest concurrency's requests = one shared system prompt + 16 tokens of their own, 32 output
+    tokens each: output tokens/s with the prefix cache off and on. Fresh suffixes every run, so only the
+    shared part can hit."""
+    top, rng = max(args.concurrency), random.Random(123)
+    system = prompts(1, args.shared_prefix_len, seed=123)[0]
+
+    def batch() -> list[list[int]]:
+        return [system + [rng.randrange(3, 32000) for _ in range(16)] for _ in range(top)]
+
+    for enabled in (False, True):
+        engine = build_engine(model_config, engine_config.model_copy(update={"enable_prefix_caching": enabled}))
+        run_engine(engine, batch(), 4)  # warm-up (and, when on, the cache holds the system prompt from here)
+        name = f"engine_c{top}_shared_prefix_{args.shared_prefix_len}_cache_{'on' if enabled else 'off'}"
+        results[name] = median_of(args.repeats, lambda engine=engine: run_engine(engine, batch(), 32))
+        print(f"engine, {top} requests sharing a {args.shared_prefix_len}-token prefix, prefix cache "
+              f"{'on' if enabled else 'off'}: {results[name]:9.1f} tok/s", flush=True)
+        engine.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=TINY_MODEL_SOURCE, help="checkpoint folder or hub id")
@@ -82,15 +102,20 @@ def main() -> None:
     parser.add_argument("--static-batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs per figure")
     parser.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="CPU only")
+    parser.add_argument("--shared-prefix-len", type=int, default=0,
+                        help="also measure chat-like requests sharing a system prompt of this many tokens, "
+                             "prefix cache on vs off")
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model_config = ModelConfig(source=args.source, served_model_id="bench", dtype=args.dtype,
                                tensor_parallel_size=1, max_model_len=4096)
+    # Repeats submit the same prompts again: without the prefix cache the engine computes every prompt, as
+    # `generate` does. The shared-prefix figures below switch it on.
     engine_config = EngineConfig(
         device=args.device, max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
-        kv_cache_bytes=args.kv_cache_bytes if args.device == "cpu" else None)
+        kv_cache_bytes=args.kv_cache_bytes if args.device == "cpu" else None, enable_prefix_caching=False)
     engine = build_engine(model_config, engine_config)
     hf_model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.source),
                                                     dtype=getattr(torch, args.dtype)).to(args.device).eval()
@@ -109,6 +134,11 @@ def main() -> None:
         args.repeats, lambda: run_engine(engine, batch, args.output_len, ALL_PROCESSORS))
     print(f"engine, {top:>3} concurrent, every sampling processor on: "
           f"{results[f'engine_c{top}_all_processors']:9.1f} tok/s", flush=True)
+
+    if args.shared_prefix_len:
+        engine.shutdown()
+        shared_prefix_figures(args, model_config, engine_config, results)
+        engine = build_engine(model_config, engine_config)
 
     singles = prompts(args.one_at_a_time_requests, args.prompt_len, seed=7)
     one_at_a_time = [run_generate(hf_model, [prompt], args.output_len) for prompt in singles]

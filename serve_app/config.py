@@ -44,6 +44,9 @@ class EngineConfig(StrictModel):
         1.0, gt=0, description="On CPU: Ray CPUs reserved per rank (each rank's placement-group bundle).")
     cpu_threads_per_rank: int | None = Field(
         None, ge=1, description="On CPU: torch threads per rank; default leaves torch's choice.")
+    enable_prefix_caching: bool = Field(
+        True, description="Share the KV blocks of identical prompt prefixes (system prompts, earlier turns) "
+        "between requests instead of computing them again.")
     stream_interval_s: float = Field(
         0.0, ge=0, le=1, description="After a stream's first token (always sent at once), send its later "
         "tokens at most this often: fewer messages per token through the deployments, at the cost of "

@@ -58,6 +58,12 @@ class ServiceMetrics:
         self.kv_cache_free_blocks = Gauge(f"{PREFIX}kv_cache_free_blocks", "Free KV-cache blocks.", registry=r)
         self.num_preemptions = Gauge(f"{PREFIX}num_preemptions", "Preemptions since the engine started.",
                                      registry=r)
+        self.prefix_cache_query_tokens = Gauge(
+            f"{PREFIX}prefix_cache_query_tokens", "Tokens looked up in the prefix cache since the engine started.",
+            registry=r)
+        self.prefix_cache_hit_tokens = Gauge(
+            f"{PREFIX}prefix_cache_hit_tokens", "Tokens found in the prefix cache (not computed again) since the "
+            "engine started.", registry=r)
 
     def meter(self, route: str) -> RequestMeter:
         return RequestMeter(self, route)
@@ -68,6 +74,8 @@ class ServiceMetrics:
         self.kv_cache_usage.set(stats.kv_cache_usage)
         self.kv_cache_free_blocks.set(stats.num_free_blocks)
         self.num_preemptions.set(stats.num_preemptions)
+        self.prefix_cache_query_tokens.set(stats.prefix_cache_query_tokens)
+        self.prefix_cache_hit_tokens.set(stats.prefix_cache_hit_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

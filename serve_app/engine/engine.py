@@ -37,14 +37,16 @@ class EngineStats:
     num_free_blocks: int
     num_blocks: int
     num_preemptions: int
+    prefix_cache_query_tokens: int = 0  # tokens looked up in the prefix cache at admission, since start
+    prefix_cache_hit_tokens: int = 0  # ... found there, so not computed again
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, limits: SchedulerLimits, eos_token_ids: tuple[int, ...],
-                 followers=None):
+                 followers=None, enable_prefix_caching: bool = True):
         self.runner = runner
         self.limits = limits
-        self.block_manager = BlockManager(runner.num_blocks, runner.block_size)
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(limits, self.block_manager, eos_token_ids)
         self.followers = followers  # LocalFollowers / RayFollowers for ranks > 0, or None at tp=1
         self.num_preemptions = 0
@@ -83,7 +85,8 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.block_manager.usage,
                            self.block_manager.num_free_blocks, self.block_manager.num_blocks,
-                           self.num_preemptions)
+                           self.num_preemptions, self.block_manager.prefix_query_tokens,
+                           self.block_manager.prefix_hit_tokens)
 
     # -- one step --------------------------------------------------------------------------------------------
 
@@ -119,9 +122,8 @@ class Engine:
         for seq in sampling_seqs:
             done = seq.request_id in finished
             outputs.append(RequestOutput(
-                seq.request_id, [sampled[seq.request_id]], seq.num_prompt_tokens, len(seq.output_token_ids),
-                finished=done, finish_reason=seq.finish_reason if done else None,
-                logprobs=logprobs.get(seq.request_id)))
+                seq.request_id, [sampled[seq.request_id]], finished=done,
+                finish_reason=seq.finish_reason if done else None, logprobs=logprobs.get(seq.request_id)))
             if done:
                 del self._sequences[seq.request_id]
                 self.penalties.release(seq.request_id)
@@ -211,4 +213,4 @@ def build_engine(model: ModelConfig, engine: EngineConfig, *, use_ray: bool = Fa
     eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     limits = SchedulerLimits(engine.max_num_seqs, engine.max_num_batched_tokens, model.max_model_len)
     logger.info("engine ready in %.1f s (tp=%d)", time.monotonic() - started, world_size)
-    return Engine(runner, limits, eos_token_ids, followers)
+    return Engine(runner, limits, eos_token_ids, followers, engine.enable_prefix_caching)

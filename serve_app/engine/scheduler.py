@@ -114,10 +114,15 @@ class Scheduler:
         while (not out.preempted and self.waiting and budget > 0
                and len(self.running) < self.limits.max_num_seqs):
             seq = self.waiting[0]
+            self.block_manager.reuse_cached_prefix(seq)  # its cached prefix is not computed again
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             target = seq.num_computed_tokens + num_tokens
             if not self.block_manager.can_grow(seq, target):
-                break  # admission is by free blocks, in arrival order: no overtaking
+                # Admission is by free blocks, in arrival order: no overtaking. A waiting sequence holds no
+                # blocks, so the cached ones it took go back (still cached) until it can be admitted.
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
+                break
             self.waiting.popleft()
             self.block_manager.grow(seq, target)
             seq.status = SequenceStatus.RUNNING
@@ -132,6 +137,7 @@ class Scheduler:
         for chunk in out.chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
+            self.block_manager.register_full_blocks(seq)
             if not chunk.samples:
                 continue
             token = sampled[seq.request_id]

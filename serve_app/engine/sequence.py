@@ -38,6 +38,10 @@ class Sequence:
     # recomputed from its prompt and the tokens it had already produced.
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Prefix caching: the chain hashes of this sequence's full blocks of tokens (a memo; tokens only grow),
+    # and how many leading entries of `block_table` are registered in the cache or were taken from it.
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
     finish_reason: FinishReason | None = None
     # Only seeded requests own a generator, so their draws never depend on what else is in the batch.
     generator: torch.Generator | None = None
@@ -85,8 +89,6 @@ class RequestOutput:
 
     request_id: str
     new_token_ids: list[int]
-    num_prompt_tokens: int
-    num_output_tokens: int
     finished: bool = False
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None

@@ -178,9 +178,11 @@ def test_request_meter_times_tokens_and_counts_usage():
     assert 'llama_serve_e2e_request_latency_seconds_sum{route="chat"} 1.0' in text
     assert 'llama_serve_requests_total{route="chat",status="200"} 1.0' in text
     assert "llama_serve_prompt_tokens_total 10.0" in text and "llama_serve_generation_tokens_total 3.0" in text
-    metrics.set_engine_stats(EngineStats(3, 1, 0.25, 30, 40, 2))
+    metrics.set_engine_stats(EngineStats(3, 1, 0.25, 30, 40, 2, prefix_cache_query_tokens=500,
+                                         prefix_cache_hit_tokens=320))
     text = metrics.render().decode()
     assert "llama_serve_num_requests_running 3.0" in text and "llama_serve_kv_cache_usage_ratio 0.25" in text
+    assert "llama_serve_prefix_cache_hit_tokens 320.0" in text
 
 
 def test_a_tool_call_delta_becomes_an_openai_chunk():

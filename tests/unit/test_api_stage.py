@@ -34,8 +34,7 @@ def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest]):
         for i, token in enumerate(tokens):
             last = i == len(tokens) - 1
             reason = (FinishReason.LENGTH if len(tokens) < len(ids) else FinishReason.STOP) if last else None
-            yield [RequestOutput(request.request_id, [token], len(request.prompt_token_ids), i + 1,
-                                 finished=last, finish_reason=reason)]
+            yield [RequestOutput(request.request_id, [token], finished=last, finish_reason=reason)]
 
     return generate
 
@@ -161,9 +160,9 @@ def test_a_stop_string_inside_a_coalesced_batch_ends_usage_at_its_token(tokenize
     ids = tokenizer.encode(reply, add_special_tokens=False)
 
     async def one_batch(request: EngineRequest):
-        yield [RequestOutput(request.request_id, [token], len(request.prompt_token_ids), i + 1,
-                             finished=i == len(ids) - 1, finish_reason=FinishReason.STOP if i == len(ids) - 1
-                             else None) for i, token in enumerate(ids)]
+        yield [RequestOutput(request.request_id, [token], finished=i == len(ids) - 1,
+                             finish_reason=FinishReason.STOP if i == len(ids) - 1 else None)
+               for i, token in enumerate(ids)]
 
     model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
     stage = ChatStage(tokenizer, model, PricingConfig(), one_batch, ApiConfig())

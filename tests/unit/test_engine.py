@@ -201,3 +201,46 @@ def test_a_request_the_engine_cannot_serve_is_refused_alone(engine_tp1):
     engine_tp1.add_request("fine", [1, 15043], SamplingParams(max_tokens=2, temperature=0))
     while engine_tp1.has_unfinished():
         engine_tp1.step()
+
+
+def _shared_prefix_prompts(count: int, seed: int, prefix_len: int = 70) -> list[list[int]]:
+    """Chat-like prompts: one long shared prefix (a system prompt) and each request's own question."""
+    rng = random.Random(seed)
+    prefix = [1] + [rng.randrange(3, 32000) for _ in range(prefix_len - 1)]
+    return [prefix + [rng.randrange(3, 32000) for _ in range(rng.randrange(2, 40))] for _ in range(count)]
+
+
+def test_shared_prefixes_are_computed_once_and_change_no_token(engine_tp1, reference):
+    before = engine_tp1.stats()
+    prompts = _shared_prefix_prompts(8, seed=8)
+    results = _run(engine_tp1, prompts, stagger=4)
+    for index, prompt in enumerate(prompts):
+        assert results[f"r{index}"] == reference(prompt), f"prompt {index}"
+    after = engine_tp1.stats()
+    # The first request computes the 64 tokens of the prefix's four full blocks; the other seven reuse them.
+    assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= 7 * 64
+    assert after.num_free_blocks == after.num_blocks  # reused blocks are released like any other
+
+
+def test_prefix_cache_under_preemption_and_eviction_changes_no_token(tiny_checkpoint, reference):
+    engine = _small_cache_engine(tiny_checkpoint)
+    try:
+        prompts = _shared_prefix_prompts(8, seed=9, prefix_len=40) + _random_prompts(4, seed=10, low=40, high=90)
+        results = _run(engine, prompts, stagger=1)
+        assert engine.num_preemptions > 0 and engine.stats().prefix_cache_hit_tokens > 0
+        for index, prompt in enumerate(prompts):
+            assert results[f"r{index}"] == reference(prompt), f"prompt {index}"
+    finally:
+        engine.shutdown()
+
+
+def test_tensor_parallel_with_shared_prefixes_matches_generate(tiny_checkpoint, reference):
+    engine = _engine(tiny_checkpoint, tp=2)
+    try:
+        prompts = _shared_prefix_prompts(4, seed=11)
+        results = _run(engine, prompts, stagger=3)
+        assert engine.stats().prefix_cache_hit_tokens >= 3 * 64
+        for index, prompt in enumerate(prompts):
+            assert results[f"r{index}"] == reference(prompt)
+    finally:
+        engine.shutdown()

@@ -58,15 +58,23 @@ class Watcher(threading.Thread):
             self.stopped.wait(1.0)
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, max_tokens: int, load: dict, index: int) -> None:
+async def stream_one(client: httpx.AsyncClient, model: str, max_tokens: int, load: dict, index: int,
+                     prompt_words: int = 0) -> None:
+    context = " ".join(["scaling"] * prompt_words)  # long prompts make the load KV-bound
     body = {"model": model, "stream": True, "max_tokens": max_tokens, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": f"Request {index}: tell me a long story about scaling."}]}
+            "messages": [{"role": "user",
+                          "content": f"Request {index}: {context} tell me a long story about scaling."}]}
     load["active"] += 1
     ok = False
+    started = time.monotonic()
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code == 200:
+                first = True
                 async for line in response.aiter_lines():
+                    if first and line.startswith("data: {") and '"content"' in line:
+                        load["ttft_s"].append(time.monotonic() - started)
+                        first = False
                     if line == "data: [DONE]":
                         ok = True
                     elif line.startswith("data: {\"error\""):
@@ -83,14 +91,14 @@ async def stream_one(client: httpx.AsyncClient, model: str, max_tokens: int, loa
 
 
 async def bounded_load(port: int, model: str, concurrency: int, load_s: float, max_tokens: int,
-                       load: dict) -> None:
+                       load: dict, prompt_words: int = 0) -> None:
     deadline = time.monotonic() + load_s
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
         counter = iter(range(10**9))
 
         async def worker() -> None:
             while time.monotonic() < deadline:
-                await stream_one(client, model, max_tokens, load, next(counter))
+                await stream_one(client, model, max_tokens, load, next(counter), prompt_words)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -130,6 +138,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=48)
     parser.add_argument("--load-s", type=float, default=90.0)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-words", type=int, default=0,
+                        help="words of filler in each prompt: long prompts make the load KV-bound")
     parser.add_argument("--settle-timeout-s", type=float, default=240.0,
                         help="after the load, wait at most this long for the count to return to the minimum")
     parser.add_argument("--requests-only", action="store_true",
@@ -167,12 +177,12 @@ def main() -> None:
             time.sleep(1)
         print("app healthy; replica groups:", deployment_replicas(serve), flush=True)
 
-        load = {"active": 0, "completed": 0, "failed": 0, "tokens": 0, "errors": []}
+        load = {"active": 0, "completed": 0, "failed": 0, "tokens": 0, "errors": [], "ttft_s": []}
         started = time.monotonic()
         watcher = Watcher(serve, load, started)
         watcher.start()
         asyncio.run(bounded_load(args.port, app_args["model"]["served_model_id"], args.concurrency, args.load_s,
-                                 args.max_tokens, load))
+                                 args.max_tokens, load, args.prompt_words))
         load_end = time.monotonic() - started
         print(f"load stopped after {load_end:.0f} s: {load['completed']} completed, {load['failed']} failed",
               flush=True)
@@ -199,7 +209,9 @@ def main() -> None:
                "load_s": args.load_s, "max_tokens": args.max_tokens, "load_end_s": round(load_end, 1),
                "peak_running_groups": peak, "final_running_groups": final, "second_group_running_at_s": up,
                "back_to_one_at_s": down, "completed": load["completed"], "failed": load["failed"],
-               "output_tokens": load["tokens"], "errors": load["errors"][:5]}
+               "output_tokens": load["tokens"], "output_tokens_per_s": round(load["tokens"] / load_end, 1),
+               "prompt_words": args.prompt_words, "ttft_ms": ttft_percentiles(load["ttft_s"]),
+               "errors": load["errors"][:5]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"summary": summary, "timeline": timeline}, indent=1))
     plot(timeline, (0.0, load_end), out,
@@ -207,6 +219,14 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     if peak < 2 or final != 1 or load["failed"]:
         raise SystemExit("autoscaling demo did not go 1 -> 2 -> 1 without failures")
+
+
+def ttft_percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    if not ordered:
+        return {}
+    return {f"p{q}": round(1000 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 1)
+            for q in (50, 90, 99)}
 
 
 if __name__ == "__main__":

@@ -315,10 +315,11 @@ async def serve_load(args) -> dict:
                         "fixed": {}, "concurrency_sweep": [], "rate_sweep": []}
         await run_point(client, model, [Sample(text_of(16, rng), 8)] * 2, extra, concurrency=2, label="warm-up")
 
-        fixed_prompt = text_of(args.prompt_len, rng)
         for streams in (1, args.static_batch):
             count = args.single_stream_requests if streams == 1 else streams * args.fixed_rounds
-            samples = [Sample(fixed_prompt, args.output_len)] * count
+            # A prompt of its own per request, so a server's prefix cache cannot skip the prefill that the
+            # in-process baselines compute.
+            samples = [Sample(text_of(args.prompt_len, rng), args.output_len) for _ in range(count)]
             results, wall = await run_point(client, model, samples, extra, concurrency=streams,
                                             label=f"fixed c={streams}")
             report["fixed"][f"c{streams}"] = summarize(results, wall, args.ttft_slo_ms, args.tpot_slo_ms)

@@ -1,0 +1,75 @@
+"""How much Python work on the event-loop thread slows the engine thread beside it (one process, no Ray).
+
+In the served replica the engine runs on its own thread while the process's event loop (Serve's request
+handling, serialization, our stream code) runs Python for every message it sends. Both need the GIL. This
+streams one greedy request through `EngineLoop` and spins the event-loop thread for `--work-us` after each
+message, then reports the engine's time per output token for each amount of work.
+
+    python scripts/bench_loop_contention.py --work-us 0 300 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import torch
+
+from serve_app.config import TINY_MODEL_SOURCE, EngineConfig, ModelConfig
+from serve_app.engine.engine import build_engine
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import EngineRequest
+from serve_app.replica import EngineLoop
+
+
+def hold_the_gil(microseconds: float) -> None:
+    end = time.perf_counter() + microseconds / 1e6
+    while time.perf_counter() < end:
+        pass
+
+
+async def time_per_token(loop: EngineLoop, prompt: list[int], output_len: int, work_us: float,
+                         repeats: int) -> float:
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    samples = []
+    for index in range(repeats + 1):
+        first, received = None, 0
+        async for batch in loop.generate(EngineRequest(f"w{work_us}-{index}-0", prompt, params)):
+            received += len(batch)
+            hold_the_gil(work_us)
+            if first is None:
+                first = time.perf_counter()
+        if index:  # the first run warms up
+            samples.append((time.perf_counter() - first) / (received - 1) * 1000)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-us", type=float, nargs="+", default=[0, 300, 600])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the engine (the replica's)")
+    parser.add_argument("--prompt-len", type=int, default=110)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
+
+    def build():
+        torch.set_num_threads(args.threads)
+        return build_engine(
+            ModelConfig(source=TINY_MODEL_SOURCE, served_model_id="bench", dtype="float32", max_model_len=1024),
+            EngineConfig(device="cpu", kv_cache_bytes=64 * 2**20))
+
+    loop = EngineLoop(build, heartbeat_interval_s=1.0)
+    prompt = [1] + list(range(1000, 1000 + args.prompt_len - 1))
+    try:
+        for work_us in args.work_us:
+            tpot = asyncio.run(time_per_token(loop, prompt, args.output_len, work_us, args.repeats))
+            print(f"{work_us:6.0f} us of event-loop Python per message: {tpot:.3f} ms per output token", flush=True)
+    finally:
+        loop.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -85,8 +85,8 @@ class Engine:
     def stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.block_manager.usage,
                            self.block_manager.num_free_blocks, self.block_manager.num_blocks,
-                           self.num_preemptions, self.block_manager.prefix_query_tokens,
-                           self.block_manager.prefix_hit_tokens)
+                           self.num_preemptions, self.scheduler.prefix_query_tokens,
+                           self.scheduler.prefix_hit_tokens)
 
     # -- one step --------------------------------------------------------------------------------------------
 

@@ -54,8 +54,6 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # chain hash -> registered block
         self._hash_of: dict[int, bytes] = {}  # registered block -> its chain hash
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unheld; oldest release first
-        self.prefix_query_tokens = 0  # prompt (and resumed) tokens looked up in the cache
-        self.prefix_hit_tokens = 0  # ... of which were found there and not computed again
 
     @property
     def num_free_blocks(self) -> int:
@@ -112,8 +110,6 @@ class BlockManager:
             seq.block_table.append(block)
         seq.num_registered_blocks = len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
-        self.prefix_query_tokens += seq.num_tokens
-        self.prefix_hit_tokens += seq.num_computed_tokens
         return seq.num_computed_tokens
 
     def register_full_blocks(self, seq: Sequence) -> None:

@@ -54,6 +54,9 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order; the last one is preempted first
+        # Prefix caching at admission, since start: tokens of admitted sequences, and those found cached.
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     # -- queue management --------------------------------------------------------------------------------
 
@@ -114,7 +117,7 @@ class Scheduler:
         while (not out.preempted and self.waiting and budget > 0
                and len(self.running) < self.limits.max_num_seqs):
             seq = self.waiting[0]
-            self.block_manager.reuse_cached_prefix(seq)  # its cached prefix is not computed again
+            cached = self.block_manager.reuse_cached_prefix(seq)  # its cached prefix is not computed again
             num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
             target = seq.num_computed_tokens + num_tokens
             if not self.block_manager.can_grow(seq, target):
@@ -124,6 +127,8 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            self.prefix_query_tokens += seq.num_tokens
+            self.prefix_hit_tokens += cached
             self.block_manager.grow(seq, target)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

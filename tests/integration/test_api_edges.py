@@ -334,3 +334,15 @@ def test_schemathesis_no_server_errors_and_responses_match_the_schema(edge, mode
     # Whatever was thrown at it, the service still serves.
     assert httpx.post(f"{edge}/v1/chat/completions", headers=AUTH, timeout=60,
                       json={"model": MODEL, "messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(edge, client):
+    system = {"role": "system", "content": "You are a terse assistant for a hardware shop. " * 8}
+    messages = [system, {"role": "user", "content": "Which drill should I buy?"}]
+    hits_before = metric(edge, "llama_serve_prefix_cache_hit_tokens")
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    second = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    # The second request reuses the first one's blocks (all but the last, partial one) and answers the same.
+    assert second.choices[0].message.content == first.choices[0].message.content
+    reused = metric(edge, "llama_serve_prefix_cache_hit_tokens") - hits_before
+    assert reused >= (first.usage.prompt_tokens // 16 - 1) * 16 > 0

@@ -219,6 +219,8 @@ def test_shared_prefixes_are_computed_once_and_change_no_token(engine_tp1, refer
     after = engine_tp1.stats()
     # The first request computes the 64 tokens of the prefix's four full blocks; the other seven reuse them.
     assert after.prefix_cache_hit_tokens - before.prefix_cache_hit_tokens >= 7 * 64
+    # Each request is looked up once, when admitted.
+    assert after.prefix_cache_query_tokens - before.prefix_cache_query_tokens == sum(map(len, prompts))
     assert after.num_free_blocks == after.num_blocks  # reused blocks are released like any other
 
 

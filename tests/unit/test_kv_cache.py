@@ -33,7 +33,6 @@ def test_a_released_prefix_is_reused_and_the_last_token_is_left_to_compute():
     again = _seq(prompt + [7, 8], "b")
     assert manager.reuse_cached_prefix(again) == 32
     assert again.block_table == blocks[:2] and again.num_computed_tokens == 32
-    assert (manager.prefix_query_tokens, manager.prefix_hit_tokens) == (40 + 42, 32)
 
     exact = _seq(list(range(100, 132)), "c")  # exactly two blocks: the second must be computed again
     assert manager.reuse_cached_prefix(exact) == 16

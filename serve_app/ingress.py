@@ -268,6 +268,17 @@ async def _metered(meter: RequestMeter, first: list[StageEvent], rest) -> AsyncI
         yield batch
 
 
+async def deltas_and_usage(batches, request: SamplingRequest, usage_chunk) -> AsyncIterator[ChoiceDelta | str]:
+    """The stage's deltas one at a time; its usage report becomes the SSE text `usage_chunk(usage)` when the
+    request asked for usage in the stream (`stream_options.include_usage`), and nothing otherwise."""
+    async for batch in batches:
+        for event in batch:
+            if not isinstance(event, UsageReport):
+                yield event
+            elif request.stream_options is not None and request.stream_options.include_usage:
+                yield usage_chunk(event.usage)
+
+
 def chat_chunk_lines(event: ChoiceDelta, chunk, with_logprobs: bool) -> str:
     """SSE lines for a stage delta: its text (or tool calls), then, on its last delta, its finish reason."""
     logprobs = ChoiceLogprobs(content=event.logprobs or []) if with_logprobs else None
@@ -479,14 +490,11 @@ class Ingress:
 
         yield chunk([ChatCompletionChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                      for i in range(request.n)])
-        async for batch in batches:
-            for event in batch:
-                if isinstance(event, UsageReport):
-                    if request.stream_options is not None and request.stream_options.include_usage:
-                        yield chunk([], usage=event.usage)
-                    continue
-                if lines := chat_chunk_lines(event, chunk, request.logprobs):
-                    yield lines
+        async for item in deltas_and_usage(batches, request, lambda usage: chunk([], usage=usage)):
+            if isinstance(item, str):
+                yield item
+            elif lines := chat_chunk_lines(item, chunk, request.logprobs):
+                yield lines
 
     # -- /v1/completions -------------------------------------------------------------------------------------
 
@@ -513,18 +521,16 @@ class Ingress:
             return sse_data(CompletionResponse(id=chunk_id, created=created, model=request.model,
                                                choices=choices, usage=usage))
 
-        async for batch in batches:
-            for event in batch:
-                if isinstance(event, UsageReport):
-                    if request.stream_options is not None and request.stream_options.include_usage:
-                        yield chunk([], usage=event.usage)
-                    continue
-                logprobs = None
-                if request.logprobs is not None:
-                    entries = event.logprobs or []
-                    # The echoed prompt comes first in the choice's first delta; token offsets follow it.
-                    start = offsets[event.index] + len(event.text) - sum(len(e.token) for e in entries)
-                    logprobs = legacy_logprobs(entries, request.logprobs, max(start, 0))
-                offsets[event.index] += len(event.text)
-                yield chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs,
-                                              finish_reason=event.finish_reason)])
+        async for event in deltas_and_usage(batches, request, lambda usage: chunk([], usage=usage)):
+            if isinstance(event, str):
+                yield event
+                continue
+            logprobs = None
+            if request.logprobs is not None:
+                entries = event.logprobs or []
+                # The echoed prompt comes first in the choice's first delta; token offsets follow it.
+                start = offsets[event.index] + len(event.text) - sum(len(e.token) for e in entries)
+                logprobs = legacy_logprobs(entries, request.logprobs, max(start, 0))
+            offsets[event.index] += len(event.text)
+            yield chunk([CompletionChoice(index=event.index, text=event.text, logprobs=logprobs,
+                                          finish_reason=event.finish_reason)])

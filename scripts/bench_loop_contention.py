@@ -36,7 +36,7 @@ async def time_per_token(loop: EngineLoop, prompt: list[int], output_len: int, w
     samples = []
     for index in range(repeats + 1):
         first, received = None, 0
-        async for batch in loop.generate(EngineRequest(f"w{work_us}-{index}-0", prompt, params)):
+        async for batch in loop.generate([EngineRequest(f"w{work_us}-{index}-0", prompt, params)]):
             received += len(batch)
             hold_the_gil(work_us)
             if first is None:

@@ -2,9 +2,10 @@
 
 Rank 0 runs in this replica's process; `build_engine` starts ranks 1..N-1 as actors in the replica's
 placement-group bundles. A single engine thread owns the engine (it is not thread-safe): it drains the
-add/abort commands, steps while there is work, and sends heartbeats while idle. Each `generate` call is an
-async stream fed by that thread; when the caller goes away (client disconnect, stop string matched) the
-stream's `finally` aborts the request, and its KV blocks are free after the engine's next command drain.
+add/abort commands, steps while there is work, and sends heartbeats while idle. Each `generate` call (all
+engine requests of one client request) is an async stream fed by that thread; when the caller goes away
+(client disconnect, every choice done) the stream's `finally` aborts the requests still running, and their KV
+blocks are free after the engine's next command drain.
 
 Admission is bounded: a request that would push the requests (or prompt tokens) waiting for their first
 token past `AdmissionLimits` is refused at once with `OverloadedError` (429 + Retry-After), and Serve's own
@@ -90,6 +91,7 @@ class EngineLoop:
         self._waiting: dict[str, int] = {}
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._open_calls = 0  # `generate` streams open: what pacing divides the message budget among
         self._failure: BaseException | None = None
         build = engine if callable(engine) and not isinstance(engine, Engine) else (lambda: engine)
         built = threading.Event()
@@ -112,55 +114,63 @@ class EngineLoop:
         """Client requests admitted whose engine requests have not all produced a first token."""
         return len({client_request(request_id) for request_id in self._waiting})
 
-    def _admit(self, request: EngineRequest) -> None:
-        """Refuse a request the waiting queue has no room for. The `n` choices of one client request are
-        admitted together (the first decides), and a lone request is always admitted."""
-        limits, tokens = self.limits, len(request.prompt_token_ids)
-        group = client_request(request.request_id)
+    def _admit(self, requests: list[EngineRequest]) -> None:
+        """Refuse a call the waiting queue has no room for. A call's requests (the `n` choices of one client
+        request, and each of its prompts) are admitted together, and a lone call is always admitted."""
+        limits, tokens = self.limits, sum(len(request.prompt_token_ids) for request in requests)
         waiting_groups = {client_request(request_id) for request_id in self._waiting}
-        if limits is not None and waiting_groups and group not in waiting_groups and (
+        if limits is not None and waiting_groups and (
             len(waiting_groups) >= limits.max_waiting_requests
             or sum(self._waiting.values()) + tokens > limits.max_waiting_tokens
         ):
             raise OverloadedError("The server is overloaded: too many requests are waiting. Please retry "
                                   "shortly.", retry_after=limits.retry_after_s)
-        self._waiting[request.request_id] = tokens
+        for request in requests:
+            self._waiting[request.request_id] = len(request.prompt_token_ids)
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
+    async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestOutput]]:
+        """One stream for all of a client request's engine requests, so one replica group admits and runs
+        them all; each message carries whatever any of them produced since the last one. Closing the stream
+        aborts those still running."""
         if not self.alive:
             raise EngineFailed("the engine is not running")
-        self._admit(request)
+        self._admit(requests)
+        clock = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        self._streams[request.request_id] = (asyncio.get_running_loop(), outputs)
-        self._commands.put(("add", request))
-        finished = False
+        for request in requests:
+            self._streams[request.request_id] = (clock, outputs)
+            self._commands.put(("add", request))
+        unfinished = {request.request_id for request in requests}
+        self._open_calls += 1
         try:
             if self._failure is not None:  # failed after the check above, before this stream was known
                 raise EngineFailed("the engine is not running") from self._failure
-            clock = asyncio.get_running_loop()
             last_sent = None  # the first message goes at once
-            while not finished:
+            while unfinished:
                 batch = [await outputs.get()]
                 if last_sent is not None and isinstance(batch[-1], RequestOutput) and not batch[-1].finished:
-                    hold = last_sent + self.pacing.interval(len(self._streams)) - clock.time()
+                    hold = last_sent + self.pacing.interval(self._open_calls) - clock.time()
                     if hold > 0:
                         await asyncio.sleep(hold)  # let later steps join this message
-                self._waiting.pop(request.request_id, None)
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
                 for item in batch:
-                    if isinstance(item, ValueError):  # the engine refused the request itself
+                    if isinstance(item, ValueError):  # the engine refused a request itself
                         raise InvalidRequestError(str(item)) from None
                     if isinstance(item, BaseException):
                         raise EngineFailed("the engine failed while running this request") from item
-                finished = batch[-1].finished
+                    self._waiting.pop(item.request_id, None)
+                    if item.finished:
+                        unfinished.discard(item.request_id)
                 last_sent = clock.time()
                 yield batch
         finally:
-            self._waiting.pop(request.request_id, None)
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self._commands.put(("abort", request.request_id))
+            self._open_calls -= 1
+            for request in requests:
+                self._waiting.pop(request.request_id, None)
+                self._streams.pop(request.request_id, None)
+            for request_id in unfinished:
+                self._commands.put(("abort", request_id))
 
     def stop(self) -> None:
         self._commands.put(("stop", None))
@@ -243,8 +253,8 @@ class LlamaReplica:
                                config.engine.heartbeat_interval_s, limits,
                                StreamPacing.from_config(config.engine))
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[list[RequestOutput]]:
-        async for batch in self.loop.generate(request):
+    async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestOutput]]:
+        async for batch in self.loop.generate(requests):
             yield batch
 
     def stats(self) -> EngineStats:

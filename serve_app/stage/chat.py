@@ -14,7 +14,6 @@ class with a fake engine.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -38,7 +37,7 @@ from serve_app.stage.detokenizer import IncrementalDetokenizer
 from serve_app.stage.stop import StopStringMatcher
 from serve_app.stage.tools import parse_tool_calls, with_tools
 
-EngineGenerate = Callable[[EngineRequest], AsyncIterator[list[RequestOutput]]]
+EngineGenerate = Callable[[list[EngineRequest]], AsyncIterator[list[RequestOutput]]]
 
 
 @dataclass(frozen=True)
@@ -147,96 +146,43 @@ class ChatStage:
                    ) -> AsyncIterator[list[StageEvent]]:
         """`n` choices per prompt (choice index = prompt index * n + j), streamed as they come.
 
-        With `parse_tools`, a choice's text is held until it finishes, since only the whole reply says
-        whether it is a tool call.
+        All choices go to the replica group in one call, so one group admits and runs them together. A choice
+        that ends on a stop string is done here at once; its engine request runs on until the call ends, when
+        every choice is done. With `parse_tools`, a choice's text is held until it finishes, since only the
+        whole reply says whether it is a tool call.
         """
-        events: asyncio.Queue = asyncio.Queue()
         request_id = uuid.uuid4().hex
-        completion_tokens = [0] * (len(prompts) * request.n)
-
-        async def run_choice(index: int, prompt: _Prompt) -> None:
-            base = request.to_sampling_params(prompt.max_tokens)
-            j = index % request.n
-            # Each choice is its own engine sequence; seeded requests get seed + j so that n choices differ
-            # from each other but each one reproduces.
-            params = base if base.seed is None or j == 0 else _with_seed(base, base.seed + j)
-            # `{request}-{choice}`: the replica admits all choices of one request together by that prefix.
-            engine_request = EngineRequest(f"{request_id}-{index}", prompt.token_ids, params)
-            detokenizer = IncrementalDetokenizer(self.tokenizer)
-            stops = StopStringMatcher(request.stop or [])
-            held_text, held_logprobs, held_tokens = prompt.echo, [], 0
-            stream = self.generate(engine_request)
-            try:
-                async for outputs in stream:
-                    new_tokens = [t for output in outputs for t in output.new_token_ids]
-                    if request.stop:
-                        # One token at a time, so a stop string completed mid-batch ends the count (usage)
-                        # and the logprobs at the token that completed it, whatever the batching.
-                        text, stopped, used = "", False, 0
-                        for token in new_tokens:
-                            piece, stopped = stops.push(detokenizer.push([token]))
-                            text, used = text + piece, used + 1
-                            if stopped:
-                                break
-                    else:
-                        text, stopped = stops.push(detokenizer.push(new_tokens))
-                        used = len(new_tokens)
-                    completion_tokens[index] += used
-                    held_tokens += used  # tokens whose text is not sent yet, for the latency metrics
-                    last = outputs[-1]
-                    reason = None
-                    if stopped:
-                        reason = FinishReason.STOP.value
-                    elif last.finished:
-                        tail, stopped = stops.push(detokenizer.flush())
-                        text += tail if stopped else tail + stops.flush()
-                        reason = FinishReason.STOP.value if stopped else last.finish_reason.value
-                    held_text += text
-                    held_logprobs += self._logprobs(outputs)[:used] if logprobs else []
-                    if reason is not None and parse_tools is not None and (calls := parse_tools(held_text)):
-                        await events.put([ChoiceDelta(index, "", "tool_calls", held_logprobs or None,
-                                                      held_tokens, calls)])
-                        return
-                    if reason is not None or (parse_tools is None and (held_text or held_logprobs)):
-                        await events.put([ChoiceDelta(index, held_text, reason, held_logprobs or None,
-                                                      held_tokens)])
-                        held_text, held_logprobs, held_tokens = "", [], 0
-                    if reason is not None:
-                        return
-            finally:
-                await _close(stream)
-
-        tasks = [asyncio.create_task(run_choice(p * request.n + j, prompt))
-                 for p, prompt in enumerate(prompts) for j in range(request.n)]
-        pending = set(tasks)
-        getter = None
+        choices: dict[str, _Choice] = {}
+        for p, prompt in enumerate(prompts):
+            for j in range(request.n):
+                index = p * request.n + j
+                base = request.to_sampling_params(prompt.max_tokens)
+                # Each choice is its own engine sequence; seeded requests get seed + j so that n choices
+                # differ from each other but each one reproduces.
+                params = base if base.seed is None or j == 0 else _with_seed(base, base.seed + j)
+                engine_request = EngineRequest(f"{request_id}-{index}", prompt.token_ids, params)
+                choices[engine_request.request_id] = _Choice(
+                    self, index, engine_request, prompt.echo, request.stop or [], logprobs, parse_tools)
+        stream = self.generate([choice.engine_request for choice in choices.values()])
         try:
-            while pending:
-                getter = asyncio.ensure_future(events.get())
-                done, _ = await asyncio.wait(pending | {getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    batch = getter.result()
-                    while not events.empty():
-                        batch.extend(events.get_nowait())
-                    yield batch
-                else:
-                    getter.cancel()
-                for task in done - {getter}:
-                    pending.discard(task)
-                    task.result()  # re-raise a failed choice
-            rest = []
-            while not events.empty():
-                rest.extend(events.get_nowait())
-            prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
-            rest.append(UsageReport(Usage.from_counts(
-                prompt_tokens, sum(completion_tokens), self.pricing.input_per_million_tokens / 1e6,
-                self.pricing.output_per_million_tokens / 1e6)))
-            yield rest
+            async for outputs in stream:
+                by_choice: dict[str, list[RequestOutput]] = {}
+                for output in outputs:
+                    by_choice.setdefault(output.request_id, []).append(output)
+                events = [event for request_id, outs in by_choice.items()
+                          if (event := choices[request_id].push(outs)) is not None]
+                if all(choice.done for choice in choices.values()):
+                    prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
+                    completion_tokens = sum(choice.completion_tokens for choice in choices.values())
+                    events.append(UsageReport(Usage.from_counts(
+                        prompt_tokens, completion_tokens, self.pricing.input_per_million_tokens / 1e6,
+                        self.pricing.output_per_million_tokens / 1e6)))
+                    yield events
+                    return
+                if events:
+                    yield events
         finally:
-            if getter is not None:
-                getter.cancel()
-            for task in tasks:
-                task.cancel()
+            await _close(stream)
 
     def _logprobs(self, outputs: list[RequestOutput]) -> list[TokenLogprob]:
         return [self._logprob_entry(entry) for output in outputs for entry in output.logprobs or []]
@@ -255,6 +201,61 @@ class ChatStage:
             return f"bytes:\\x{value:02x}", [value]
         text = piece.replace("\u2581", " ")
         return text, list(text.encode("utf-8"))
+
+
+class _Choice:
+    """One choice on its way back: incremental detokenizing, stop strings (held back until they cannot match,
+    never returned), finish reason, logprobs, and the tool calls of a finished reply."""
+
+    def __init__(self, stage: ChatStage, index: int, engine_request: EngineRequest, echo: str,
+                 stop: list[str], logprobs: bool, parse_tools: Callable[[str], list[ToolCall] | None] | None):
+        self.stage, self.index, self.engine_request = stage, index, engine_request
+        self.logprobs, self.parse_tools = logprobs, parse_tools
+        self.detokenizer = IncrementalDetokenizer(stage.tokenizer)
+        self.stops = StopStringMatcher(stop)
+        self.has_stop_strings = bool(stop)
+        # Text, logprobs and tokens not sent yet (the echoed prompt goes out with the first delta).
+        self.held_text, self.held_logprobs, self.held_tokens = echo, [], 0
+        self.completion_tokens = 0
+        self.done = False
+
+    def push(self, outputs: list[RequestOutput]) -> ChoiceDelta | None:
+        """Take this choice's outputs from one message; the delta to send now, if any."""
+        if self.done:
+            return None  # ended on a stop string; the engine request runs on until the call ends
+        new_tokens = [t for output in outputs for t in output.new_token_ids]
+        if self.has_stop_strings:
+            # One token at a time, so a stop string completed mid-batch ends the count (usage) and the
+            # logprobs at the token that completed it, whatever the batching.
+            text, stopped, used = "", False, 0
+            for token in new_tokens:
+                piece, stopped = self.stops.push(self.detokenizer.push([token]))
+                text, used = text + piece, used + 1
+                if stopped:
+                    break
+        else:
+            text, stopped = self.stops.push(self.detokenizer.push(new_tokens))
+            used = len(new_tokens)
+        self.completion_tokens += used
+        self.held_tokens += used  # tokens whose text is not sent yet, for the latency metrics
+        last = outputs[-1]
+        reason = None
+        if stopped:
+            reason = FinishReason.STOP.value
+        elif last.finished:
+            tail, stopped = self.stops.push(self.detokenizer.flush())
+            text += tail if stopped else tail + self.stops.flush()
+            reason = FinishReason.STOP.value if stopped else last.finish_reason.value
+        self.held_text += text
+        self.held_logprobs += self.stage._logprobs(outputs)[:used] if self.logprobs else []
+        self.done = reason is not None
+        if self.done and self.parse_tools is not None and (calls := self.parse_tools(self.held_text)):
+            return ChoiceDelta(self.index, "", "tool_calls", self.held_logprobs or None, self.held_tokens, calls)
+        if self.done or (self.parse_tools is None and (self.held_text or self.held_logprobs)):
+            delta = ChoiceDelta(self.index, self.held_text, reason, self.held_logprobs or None, self.held_tokens)
+            self.held_text, self.held_logprobs, self.held_tokens = "", [], 0
+            return delta
+        return None
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

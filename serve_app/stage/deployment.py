@@ -33,8 +33,8 @@ class Stage:
         self.replica = replica
         self.stage = ChatStage(tokenizer, config.model, config.pricing, self._generate, config.api)
 
-    def _generate(self, request: EngineRequest):
-        return self.replica.generate.options(stream=True).remote(request)
+    def _generate(self, requests: list[EngineRequest]):
+        return self.replica.generate.options(stream=True).remote(requests)
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[StageEvent]]:
         async for events in self.stage.chat(request):

@@ -135,12 +135,13 @@ def test_admission_bounds_waiting_requests_and_tokens_and_admits_choices_togethe
         return EngineRequest(name, [1] * tokens, SamplingParams(max_tokens=4))
 
     async def run():
-        streams = [loop.generate(request(name)) for name in ("a-0", "a-1", "a-2", "b-0")]
+        # Client request a's three choices come in one call, and are admitted as one waiting request.
+        streams = [loop.generate([request("a-0"), request("a-1"), request("a-2")]), loop.generate([request("b-0")])]
         pending = [asyncio.ensure_future(stream.__anext__()) for stream in streams]
         await asyncio.sleep(0.05)
         assert loop.num_waiting == 2  # a (three choices) and b
         with pytest.raises(OverloadedError) as error:
-            await loop.generate(request("c-0")).__anext__()
+            await loop.generate([request("c-0")]).__anext__()
         assert error.value.retry_after == 3
         for task in pending:
             task.cancel()
@@ -149,11 +150,11 @@ def test_admission_bounds_waiting_requests_and_tokens_and_admits_choices_togethe
             await stream.aclose()  # a stream that goes away aborts its engine request
         await asyncio.sleep(0.1)
         assert loop.num_waiting == 0
-        big = loop.generate(request("d-0", tokens=90))
+        big = loop.generate([request("d-0", tokens=90)])
         first = asyncio.ensure_future(big.__anext__())
         await asyncio.sleep(0.02)
         with pytest.raises(OverloadedError):  # 90 + 20 tokens > 100
-            await loop.generate(request("e-0", tokens=20)).__anext__()
+            await loop.generate([request("e-0", tokens=20)]).__anext__()
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
         await big.aclose()

@@ -25,16 +25,22 @@ def tokenizer(tiny_checkpoint):
 
 
 def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest]):
-    """A fake engine that answers every request with `reply`'s tokens, one per step, then EOS."""
+    """A fake engine that answers every request of a call with `reply`'s tokens, one per step (each step's
+    outputs for all requests in one message), then EOS."""
     ids = tokenizer.encode(reply, add_special_tokens=False)
 
-    async def generate(request: EngineRequest):
-        seen.append(request)
-        tokens = ids[: request.params.max_tokens]
-        for i, token in enumerate(tokens):
-            last = i == len(tokens) - 1
-            reason = (FinishReason.LENGTH if len(tokens) < len(ids) else FinishReason.STOP) if last else None
-            yield [RequestOutput(request.request_id, [token], finished=last, finish_reason=reason)]
+    async def generate(requests: list[EngineRequest]):
+        seen.extend(requests)
+        for i in range(len(ids)):
+            batch = []
+            for request in requests:
+                tokens = ids[: request.params.max_tokens]
+                if i < len(tokens):
+                    last = i == len(tokens) - 1
+                    reason = (FinishReason.LENGTH if len(tokens) < len(ids) else FinishReason.STOP) if last else None
+                    batch.append(RequestOutput(request.request_id, [tokens[i]], finished=last, finish_reason=reason))
+            if batch:
+                yield batch
 
     return generate
 
@@ -159,7 +165,8 @@ def test_a_stop_string_inside_a_coalesced_batch_ends_usage_at_its_token(tokenize
     reply = "Hello there, my friend. How are you today?"
     ids = tokenizer.encode(reply, add_special_tokens=False)
 
-    async def one_batch(request: EngineRequest):
+    async def one_batch(requests: list[EngineRequest]):
+        (request,) = requests
         yield [RequestOutput(request.request_id, [token], finished=i == len(ids) - 1,
                              finish_reason=FinishReason.STOP if i == len(ids) - 1 else None)
                for i, token in enumerate(ids)]
@@ -182,3 +189,41 @@ def test_every_generated_token_is_counted_once_in_the_latency_metrics(tokenizer)
     events = collect(stage.chat(request))
     usage = next(e.usage for e in events if isinstance(e, UsageReport))
     assert sum(e.num_tokens for e in events if isinstance(e, ChoiceDelta)) == usage.completion_tokens
+
+
+def test_choices_share_one_engine_call_and_a_stopped_choice_does_not_hold_the_reply(tokenizer):
+    """n = 2 in one replica call: choice 0 hits a stop string early, choice 1 runs to its end; the reply (and
+    the call, which aborts choice 0's engine request) ends with choice 1, not when choice 0's would."""
+    stopping = tokenizer.encode("Sure, here it is. END and then a great deal more text that nobody reads at all",
+                                add_special_tokens=False)
+    plain = tokenizer.encode("A short answer.", add_special_tokens=False)
+    calls, steps_sent, closed = [], [], []
+
+    async def generate(requests: list[EngineRequest]):
+        calls.append([request.request_id for request in requests])
+        first, second = requests
+        try:
+            for i in range(len(stopping)):
+                batch = [RequestOutput(first.request_id, [stopping[i]], finished=i == len(stopping) - 1,
+                                       finish_reason=FinishReason.LENGTH if i == len(stopping) - 1 else None)]
+                if i < len(plain):
+                    batch.append(RequestOutput(second.request_id, [plain[i]], finished=i == len(plain) - 1,
+                                               finish_reason=FinishReason.STOP if i == len(plain) - 1 else None))
+                steps_sent.append(i)
+                yield batch
+        finally:
+            closed.append(True)
+
+    model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
+    stage = ChatStage(tokenizer, model, PricingConfig(), generate, ApiConfig())
+    request = ChatCompletionRequest.model_validate(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "n": 2, "stop": ["END"]})
+    events = collect(stage.chat(request))
+    assert len(calls) == 1 and len(calls[0]) == 2  # one call for both choices
+    assert texts(events) == {0: " Sure, here it is. ", 1: " A short answer."}
+    reasons = {e.index: e.finish_reason for e in events if isinstance(e, ChoiceDelta) and e.finish_reason}
+    assert reasons == {0: "stop", 1: "stop"}
+    usage = next(e.usage for e in events if isinstance(e, UsageReport))
+    through_stop = len(tokenizer.encode("Sure, here it is. END", add_special_tokens=False))
+    assert usage.completion_tokens == through_stop + len(plain)
+    assert closed and len(steps_sent) == max(through_stop, len(plain)) < len(stopping)

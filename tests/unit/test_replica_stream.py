@@ -23,7 +23,7 @@ def _streams(tiny_checkpoint, pacing: StreamPacing, count: int = 1, max_tokens: 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
     async def consume(index: int) -> list[list]:
-        return [batch async for batch in loop.generate(EngineRequest(f"r{index}-0", [1, 15043, 29991], params))]
+        return [batch async for batch in loop.generate([EngineRequest(f"r{index}-0", [1, 15043, 29991], params)])]
 
     async def run_all() -> list[list[list]]:
         return list(await asyncio.gather(*(consume(i) for i in range(count))))
@@ -66,3 +66,27 @@ def test_pacing_interval(pacing, open_streams, expected_s):
 def test_pacing_from_config():
     engine = EngineConfig(device="cpu", kv_cache_bytes=2**20, stream_messages_per_s=500, stream_max_interval_s=0.1)
     assert StreamPacing.from_config(engine) == StreamPacing(0.0, 500, 0.1)
+
+
+def test_one_call_streams_every_choice_and_ends_when_the_last_one_does(tiny_checkpoint):
+    engine = build_engine(
+        ModelConfig(source=str(tiny_checkpoint), served_model_id="tiny", dtype="float32", max_model_len=512),
+        EngineConfig(device="cpu", kv_cache_bytes=16 * 2**20))
+    loop = EngineLoop(engine, heartbeat_interval_s=1.0)
+    requests = [EngineRequest(f"q-{j}", [1, 15043, 29991], SamplingParams(max_tokens=5 * (j + 1), temperature=0,
+                                                                          ignore_eos=True)) for j in range(3)]
+
+    async def consume() -> list[list]:
+        return [batch async for batch in loop.generate(requests)]
+
+    try:
+        batches = asyncio.run(consume())
+    finally:
+        loop.stop()
+    tokens: dict[str, int] = {}
+    for batch in batches:
+        for output in batch:
+            tokens[output.request_id] = tokens.get(output.request_id, 0) + len(output.new_token_ids)
+    assert tokens == {"q-0": 5, "q-1": 10, "q-2": 15}
+    assert [o.request_id for o in batches[-1] if o.finished] == ["q-2"]  # the call ends with its last choice
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks

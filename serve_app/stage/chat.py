@@ -181,10 +181,12 @@ class ChatStage:
                     return
                 if events:
                     yield events
+            raise RuntimeError("the engine stream ended before every choice finished")
         finally:
             await _close(stream)
 
-    def _logprobs(self, outputs: list[RequestOutput]) -> list[TokenLogprob]:
+    def token_logprobs(self, outputs: list[RequestOutput]) -> list[TokenLogprob]:
+        """OpenAI's per-token logprobs for the tokens in `outputs`, in order."""
         return [self._logprob_entry(entry) for output in outputs for entry in output.logprobs or []]
 
     def _logprob_entry(self, entry: EngineLogprob) -> TokenLogprob:
@@ -247,7 +249,7 @@ class _Choice:
             text += tail if stopped else tail + self.stops.flush()
             reason = FinishReason.STOP.value if stopped else last.finish_reason.value
         self.held_text += text
-        self.held_logprobs += self.stage._logprobs(outputs)[:used] if self.logprobs else []
+        self.held_logprobs += self.stage.token_logprobs(outputs)[:used] if self.logprobs else []
         self.done = reason is not None
         if self.done and self.parse_tools is not None and (calls := self.parse_tools(self.held_text)):
             return ChoiceDelta(self.index, "", "tool_calls", self.held_logprobs or None, self.held_tokens, calls)

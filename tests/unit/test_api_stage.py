@@ -227,3 +227,14 @@ def test_choices_share_one_engine_call_and_a_stopped_choice_does_not_hold_the_re
     through_stop = len(tokenizer.encode("Sure, here it is. END", add_special_tokens=False))
     assert usage.completion_tokens == through_stop + len(plain)
     assert closed and len(steps_sent) == max(through_stop, len(plain)) < len(stopping)
+
+
+def test_an_engine_stream_that_ends_early_is_an_error_not_a_silent_reply(tokenizer):
+    async def cut_short(requests: list[EngineRequest]):
+        yield [RequestOutput(requests[0].request_id, [tokenizer.encode("Hi", add_special_tokens=False)[0]])]
+
+    stage = ChatStage(tokenizer, ModelConfig(source="x", served_model_id=MODEL, max_model_len=512), PricingConfig(),
+                      cut_short, ApiConfig())
+    request = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+    with pytest.raises(RuntimeError, match="ended before every choice finished"):
+        collect(stage.chat(request))

@@ -35,7 +35,7 @@ from serve_app.protocol import (
 from serve_app.stage.chat_template import render_chat_prompt
 from serve_app.stage.detokenizer import IncrementalDetokenizer
 from serve_app.stage.stop import StopStringMatcher
-from serve_app.stage.tools import parse_tool_calls, with_tools
+from serve_app.stage.tools import may_become_tool_call, parse_tool_calls, with_tools
 
 EngineGenerate = Callable[[list[EngineRequest]], AsyncIterator[list[RequestOutput]]]
 
@@ -148,8 +148,8 @@ class ChatStage:
 
         All choices go to the replica group in one call, so one group admits and runs them together. A choice
         that ends on a stop string is done here at once; its engine request runs on until the call ends, when
-        every choice is done. With `parse_tools`, a choice's text is held until it finishes, since only the
-        whole reply says whether it is a tool call.
+        every choice is done. With `parse_tools`, a choice's text is held while it may still be a tool call
+        (only the whole reply says whether it is one); a reply whose start rules that out streams as usual.
         """
         request_id = uuid.uuid4().hex
         choices: dict[str, _Choice] = {}
@@ -251,6 +251,8 @@ class _Choice:
         self.held_text += text
         self.held_logprobs += self.stage.token_logprobs(outputs)[:used] if self.logprobs else []
         self.done = reason is not None
+        if self.parse_tools is not None and not may_become_tool_call(self.held_text):
+            self.parse_tools = None  # plain text: stream it like any reply
         if self.done and self.parse_tools is not None and (calls := self.parse_tools(self.held_text)):
             return ChoiceDelta(self.index, "", "tool_calls", self.held_logprobs or None, self.held_tokens, calls)
         if self.done or (self.parse_tools is None and (self.held_text or self.held_logprobs)):

@@ -40,6 +40,13 @@ def with_tools(messages: list[ChatMessage], tools: list[Tool]) -> list[ChatMessa
     return [ChatMessage(role="system", content=instruction), *messages]
 
 
+def may_become_tool_call(text_so_far: str) -> bool:
+    """False once a reply's start rules out a call (its first visible character opens no JSON and no fence),
+    so the stage can stream it as text instead of holding it to the end."""
+    body = text_so_far.lstrip()
+    return not body or body[0] in "{[`"
+
+
 def parse_tool_calls(text: str, tools: list[Tool]) -> list[ToolCall] | None:
     """The calls in a finished reply, or None when it is not (only) a call of offered functions."""
     body = text.strip()

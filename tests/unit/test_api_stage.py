@@ -13,7 +13,7 @@ from serve_app.engine.sequence import EngineRequest, FinishReason, RequestOutput
 from serve_app.errors import ContextLengthExceededError, InvalidRequestError
 from serve_app.protocol import ChatCompletionRequest, CompletionRequest
 from serve_app.stage.chat import ChatStage, ChoiceDelta, UsageReport
-from serve_app.stage.tools import parse_tool_calls, with_tools
+from serve_app.stage.tools import may_become_tool_call, parse_tool_calls, with_tools
 
 MODEL = "tiny"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -238,3 +238,20 @@ def test_an_engine_stream_that_ends_early_is_an_error_not_a_silent_reply(tokeniz
     request = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
     with pytest.raises(RuntimeError, match="ended before every choice finished"):
         collect(stage.chat(request))
+
+
+def test_with_tools_offered_a_plain_text_reply_still_streams(tokenizer):
+    reply = "It is sunny in Paris today, with a light breeze."
+    stage = make_stage(tokenizer, reply, [])
+    request = ChatCompletionRequest.model_validate(
+        {"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "stream": True})
+    deltas = [e for e in collect(stage.chat(request)) if isinstance(e, ChoiceDelta)]
+    assert len(deltas) > 3  # token by token once the reply's first word rules out a call, not one final delta
+    assert "".join(d.text for d in deltas) == f" {reply}" and deltas[-1].finish_reason == "stop"
+    assert not any(d.tool_calls for d in deltas)
+
+
+@pytest.mark.parametrize(("start", "may"), [("", True), ("  ", True), (" {", True), ("[", True), ("```json", True),
+                                            (" It", False), ("Sure {", False)])
+def test_may_become_tool_call(start, may):
+    assert may_become_tool_call(start) is may

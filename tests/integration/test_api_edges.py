@@ -346,3 +346,13 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(edge, client):
     assert second.choices[0].message.content == first.choices[0].message.content
     reused = metric(edge, "llama_serve_prefix_cache_hit_tokens") - hits_before
     assert reused >= (first.usage.prompt_tokens // 16 - 1) * 16 > 0
+
+
+def test_with_tools_offered_a_text_reply_streams_token_by_token(client):
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, tools=[WEATHER], max_tokens=12,
+                                            temperature=0, stream=True)
+    chunks = [chunk for chunk in stream if chunk.choices]
+    contents = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert not "".join(contents).lstrip().startswith(("{", "[", "`"))  # the tiny model's reply is text
+    assert len(contents) > 1 and chunks[-1].choices[0].finish_reason == "length"
+    assert not any(c.choices[0].delta.tool_calls for c in chunks)

@@ -97,12 +97,16 @@ def test_message_limit(tokenizer):
     assert error.value.param == "messages"
 
 
-def test_a_json_reply_naming_a_tool_is_a_tool_call(tokenizer):
-    reply = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+def deltas_with_tools_offered(tokenizer, reply: str) -> list[ChoiceDelta]:
+    """The deltas of a streamed chat that offers WEATHER, when the model replies `reply`."""
     stage = make_stage(tokenizer, reply, [])
     request = ChatCompletionRequest.model_validate(
         {"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "stream": True})
-    deltas = [e for e in collect(stage.chat(request)) if isinstance(e, ChoiceDelta)]
+    return [e for e in collect(stage.chat(request)) if isinstance(e, ChoiceDelta)]
+
+
+def test_a_json_reply_naming_a_tool_is_a_tool_call(tokenizer):
+    deltas = deltas_with_tools_offered(tokenizer, '{"name": "get_weather", "arguments": {"city": "Paris"}}')
     (last,) = deltas  # held until the reply is whole
     assert last.finish_reason == "tool_calls" and last.text == ""
     (call,) = last.tool_calls
@@ -242,10 +246,7 @@ def test_an_engine_stream_that_ends_early_is_an_error_not_a_silent_reply(tokeniz
 
 def test_with_tools_offered_a_plain_text_reply_still_streams(tokenizer):
     reply = "It is sunny in Paris today, with a light breeze."
-    stage = make_stage(tokenizer, reply, [])
-    request = ChatCompletionRequest.model_validate(
-        {"model": MODEL, "messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "stream": True})
-    deltas = [e for e in collect(stage.chat(request)) if isinstance(e, ChoiceDelta)]
+    deltas = deltas_with_tools_offered(tokenizer, reply)
     assert len(deltas) > 3  # token by token once the reply's first word rules out a call, not one final delta
     assert "".join(d.text for d in deltas) == f" {reply}" and deltas[-1].finish_reason == "stop"
     assert not any(d.tool_calls for d in deltas)

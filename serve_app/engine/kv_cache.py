@@ -114,9 +114,9 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks of `seq` that its computed tokens have filled since the last call."""
-        if not self.enable_prefix_caching:
-            return
         full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or full <= seq.num_registered_blocks:
+            return  # most decode steps fill no block: nothing to hash on the step's path
         hashes = self._block_hashes(seq, full)
         for index in range(seq.num_registered_blocks, full):
             block = seq.block_table[index]

@@ -1,11 +1,12 @@
-"""How much Python work on the event-loop thread slows the engine thread beside it (one process, no Ray).
+"""How much Python work on the replica's event loop slows the engine beside it, on a thread or in its own
+process (no Ray).
 
-In the served replica the engine runs on its own thread while the process's event loop (Serve's request
-handling, serialization, our stream code) runs Python for every message it sends. Both need the GIL. This
-streams one greedy request through `EngineLoop` and spins the event-loop thread for `--work-us` after each
-message, then reports the engine's time per output token for each amount of work.
+The served replica's event loop (Serve's request handling, serialization, our stream code) runs Python for
+every message it sends. With the engine on a thread of the same process, both need the GIL. This streams one
+greedy request through `EngineLoop`, spins the event-loop thread for `--work-us` after each message, and
+reports the engine's time per output token for each amount of work and each engine host.
 
-    python scripts/bench_loop_contention.py --work-us 0 300 600
+    python scripts/bench_loop_contention.py --work-us 0 300 600 --hosts thread process
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import asyncio
 import statistics
 import time
 
-import torch
-
 from serve_app.config import TINY_MODEL_SOURCE, EngineConfig, ModelConfig
 from serve_app.engine.engine import build_engine
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import EngineRequest
-from serve_app.replica import EngineLoop
+from serve_app.replica.engine_host import EngineProcess, EngineThread
+from serve_app.replica.engine_loop import EngineLoop
 
 
 def hold_the_gil(microseconds: float) -> None:
@@ -49,26 +49,31 @@ async def time_per_token(loop: EngineLoop, prompt: list[int], output_len: int, w
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-us", type=float, nargs="+", default=[0, 300, 600])
+    parser.add_argument("--hosts", nargs="+", choices=["thread", "process"], default=["thread", "process"],
+                        help="where the engine runs: a thread of this process, or its own process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the engine (the replica's)")
     parser.add_argument("--prompt-len", type=int, default=110)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
 
-    def build():
-        torch.set_num_threads(args.threads)
-        return build_engine(
-            ModelConfig(source=TINY_MODEL_SOURCE, served_model_id="bench", dtype="float32", max_model_len=1024),
-            EngineConfig(device="cpu", kv_cache_bytes=64 * 2**20))
-
-    loop = EngineLoop(build, heartbeat_interval_s=1.0)
+    model = ModelConfig(source=TINY_MODEL_SOURCE, served_model_id="bench", dtype="float32", max_model_len=1024)
+    engine = EngineConfig(device="cpu", kv_cache_bytes=64 * 2**20, cpu_threads_per_rank=args.threads,
+                          heartbeat_interval_s=1.0)
     prompt = [1] + list(range(1000, 1000 + args.prompt_len - 1))
-    try:
-        for work_us in args.work_us:
-            tpot = asyncio.run(time_per_token(loop, prompt, args.output_len, work_us, args.repeats))
-            print(f"{work_us:6.0f} us of event-loop Python per message: {tpot:.3f} ms per output token", flush=True)
-    finally:
-        loop.stop()
+    for host_kind in args.hosts:
+        if host_kind == "process":
+            host = EngineProcess(model, engine, use_ray=False)
+        else:
+            host = EngineThread(lambda: build_engine(model, engine), engine.heartbeat_interval_s)
+        loop = EngineLoop(host)
+        try:
+            for work_us in args.work_us:
+                tpot = asyncio.run(time_per_token(loop, prompt, args.output_len, work_us, args.repeats))
+                print(f"engine on a {host_kind:7s} | {work_us:4.0f} us of event-loop Python per message: "
+                      f"{tpot:.3f} ms per output token", flush=True)
+        finally:
+            loop.stop()
 
 
 if __name__ == "__main__":

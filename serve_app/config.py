@@ -47,6 +47,10 @@ class EngineConfig(StrictModel):
     enable_prefix_caching: bool = Field(
         True, description="Share the KV blocks of identical prompt prefixes (system prompts, earlier turns) "
         "between requests instead of computing them again.")
+    separate_process: bool = Field(
+        True, description="Run rank 0's engine in a process of its own instead of on a thread of the Serve "
+        "replica's process, so that the replica's streaming (Python, per message) and the engine's step "
+        "(Python between kernels) do not take turns on one interpreter lock.")
     stream_interval_s: float = Field(
         0.0, ge=0, le=1, description="After a stream's first token (always sent at once), send its later "
         "tokens at most this often: fewer messages per token through the deployments, at the cost of "

@@ -25,6 +25,7 @@ from serve_app.engine.sampler import PenaltyTable, SamplingBatch, sample, uses_p
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from serve_app.engine.sequence import RequestOutput, Sequence, TokenLogprob
+from serve_app.parallel.group import GroupAddress
 
 logger = logging.getLogger(__name__)
 
@@ -195,17 +196,20 @@ class Engine:
             leave_group()
 
 
-def build_engine(model: ModelConfig, engine: EngineConfig, *, use_ray: bool = False) -> Engine:
-    """Start a whole tensor-parallel group with rank 0 in this process, and its engine."""
-    from serve_app.parallel.group import LocalFollowers, RayFollowers, free_address, join_group
+def build_engine(model: ModelConfig, engine: EngineConfig, *, use_ray: bool = False,
+                 address: GroupAddress | None = None) -> Engine:
+    """Start a whole tensor-parallel group with rank 0 in this process, and its engine.
+
+    Given `address`, ranks 1..N-1 were started by another process (the replica, for an engine in its own
+    process), which also keeps them; this process only joins them as rank 0."""
+    from serve_app.parallel.group import join_group, start_followers
     from serve_app.parallel.worker import load_model
 
     started = time.monotonic()
     world_size = model.tensor_parallel_size
-    address = free_address(world_size)
     followers = None
-    if world_size > 1:
-        followers = (RayFollowers if use_ray else LocalFollowers)(address, model, engine)
+    if address is None:
+        address, followers = start_followers(model, engine, use_ray=use_ray)
     join_group(address, 0, engine)
     hf_model = load_model(model, engine, world_size)
     runner = ModelRunner(hf_model, model, engine, 0, world_size)

@@ -90,6 +90,16 @@ def run_follower(address: GroupAddress, rank: int, model: ModelConfig, engine: E
     leave_group()
 
 
+def start_followers(model: ModelConfig, engine: EngineConfig, *, use_ray: bool
+                    ) -> tuple[GroupAddress, LocalFollowers | RayFollowers | None]:
+    """Start ranks 1..N-1 (Ray actors in the caller's placement group, or local processes) waiting for rank 0
+    at the returned address; at tp=1 there are none."""
+    address = free_address(model.tensor_parallel_size)
+    if address.world_size == 1:
+        return address, None
+    return address, (RayFollowers if use_ray else LocalFollowers)(address, model, engine)
+
+
 class LocalFollowers:
     """Ranks 1..N-1 as local processes: tensor parallelism without Ray (tests, benchmarks)."""
 

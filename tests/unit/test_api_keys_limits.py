@@ -16,7 +16,8 @@ from serve_app.errors import AuthenticationError, OverloadedError, error_respons
 from serve_app.ingress import _digest, configure_api, key_is_valid, parse_body, resolve_api_keys
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import Usage
-from serve_app.replica import AdmissionLimits, EngineLoop
+from serve_app.replica.engine_host import EngineThread
+from serve_app.replica.engine_loop import AdmissionLimits, EngineLoop
 from serve_app.stage.chat import ChoiceDelta, UsageReport
 
 KEY = "sk-unit-0123456789abcdef"
@@ -129,7 +130,7 @@ class IdleEngine:
 
 def test_admission_bounds_waiting_requests_and_tokens_and_admits_choices_together():
     engine = IdleEngine()
-    loop = EngineLoop(engine, heartbeat_interval_s=0.05, limits=AdmissionLimits(2, 100, retry_after_s=3))
+    loop = EngineLoop(EngineThread(engine, heartbeat_interval_s=0.05), limits=AdmissionLimits(2, 100, retry_after_s=3))
 
     def request(name: str, tokens: int = 10) -> EngineRequest:
         return EngineRequest(name, [1] * tokens, SamplingParams(max_tokens=4))

@@ -11,7 +11,8 @@ from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.engine import build_engine
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import EngineRequest
-from serve_app.replica import EngineLoop, StreamPacing
+from serve_app.replica.engine_host import EngineThread
+from serve_app.replica.engine_loop import EngineLoop, StreamPacing
 
 
 def _streams(tiny_checkpoint, pacing: StreamPacing, count: int = 1, max_tokens: int = 20) -> list[list[list]]:
@@ -19,7 +20,7 @@ def _streams(tiny_checkpoint, pacing: StreamPacing, count: int = 1, max_tokens: 
     engine = build_engine(
         ModelConfig(source=str(tiny_checkpoint), served_model_id="tiny", dtype="float32", max_model_len=512),
         EngineConfig(device="cpu", kv_cache_bytes=16 * 2**20))
-    loop = EngineLoop(engine, heartbeat_interval_s=1.0, pacing=pacing)
+    loop = EngineLoop(EngineThread(engine, heartbeat_interval_s=1.0), pacing=pacing)
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
 
     async def consume(index: int) -> list[list]:
@@ -72,7 +73,7 @@ def test_one_call_streams_every_choice_and_ends_when_the_last_one_does(tiny_chec
     engine = build_engine(
         ModelConfig(source=str(tiny_checkpoint), served_model_id="tiny", dtype="float32", max_model_len=512),
         EngineConfig(device="cpu", kv_cache_bytes=16 * 2**20))
-    loop = EngineLoop(engine, heartbeat_interval_s=1.0)
+    loop = EngineLoop(EngineThread(engine, heartbeat_interval_s=1.0))
     requests = [EngineRequest(f"q-{j}", [1, 15043, 29991], SamplingParams(max_tokens=5 * (j + 1), temperature=0,
                                                                           ignore_eos=True)) for j in range(3)]
 

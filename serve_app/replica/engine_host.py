@@ -1,0 +1,266 @@
+"""Where a replica group's rank-0 engine runs: its own process (the default), or a thread of the replica's.
+
+`run_engine` is the loop that owns an `Engine` (the engine is not thread-safe). Between steps it applies the
+add/abort commands that arrived; it steps while there is work and heartbeats while idle; after every step it
+sends a `StepReport` with that step's outputs and the engine's stats. The loop is the same in both homes:
+
+- `EngineProcess` runs it as the main thread of a child process, commands and reports going over a pipe.
+  The replica's event loop runs Ray Serve's streaming for every message it sends, and that is Python; on a
+  thread of the same process it took turns with the engine's Python on one GIL, so every message delayed a
+  step (docs/benchmarks.md). In its own process the engine steps while the replica streams.
+- `EngineThread` runs it on a thread of the calling process: tests, benchmarks, and
+  `engine.separate_process: false`.
+
+Each host delivers reports to an `on_report` callback on a background thread of the calling process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from serve_app.config import EngineConfig, ModelConfig
+from serve_app.engine.engine import Engine, EngineStats, build_engine
+from serve_app.engine.sequence import EngineRequest, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Command = EngineRequest | Abort | Stop
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What the engine sends its replica after building, after each step, and after applying commands."""
+
+    stats: EngineStats | None
+    outputs: list[RequestOutput] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # request id -> why the engine refused it
+    failure: str | None = None  # the engine failed (its traceback); nothing follows this report
+
+
+def run_engine(engine: Engine, heartbeat_interval_s: float, next_command: Callable[[float], Command | None],
+               report: Callable[[StepReport], None]) -> None:
+    """Drive `engine` until a `Stop` arrives or it fails; then shut its tensor-parallel group down.
+
+    `next_command(timeout)` returns the next command, waiting up to `timeout` seconds for one (0: only one
+    already there), or None. A failure is reported, not raised: whoever waits on a stream must hear of it.
+    """
+    try:
+        while True:
+            idle = not engine.has_unfinished()
+            refused: dict[str, str] = {}
+            applied = False
+            command = next_command(heartbeat_interval_s if idle else 0)
+            while command is not None:
+                if isinstance(command, Stop):
+                    return
+                if isinstance(command, Abort):
+                    engine.abort_request(command.request_id)
+                else:
+                    try:
+                        engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+                    except ValueError as exc:
+                        refused[command.request_id] = str(exc)
+                applied = True
+                command = next_command(0)
+            if idle and not applied:
+                engine.heartbeat()  # a dead rank surfaces as a collective timeout, not a silent hang
+                continue
+            outputs = engine.step() if engine.has_unfinished() else []
+            report(StepReport(engine.stats(), outputs, refused))
+    except BaseException:  # reported to every stream, then the group is shut down
+        logger.exception("engine loop failed")
+        report(StepReport(None, failure=traceback.format_exc()))
+    finally:
+        try:  # release the followers rather than leave them waiting in a collective
+            engine.shutdown()
+        except Exception:
+            logger.warning("the tensor-parallel group did not shut down cleanly", exc_info=True)
+
+
+class EngineThread:
+    """The engine on a thread of this process. The thread builds the engine itself, so that all of this rank's
+    torch work runs on one thread: a second thread running torch ops starts a second OpenMP team, and once a
+    process has more OpenMP threads than cores, libgomp's workers stop spinning between parallel regions. On
+    2 cores that made a 110-token prefill take 16 ms instead of 10 (docs/benchmarks.md)."""
+
+    def __init__(self, engine: Engine | Callable[[], Engine], heartbeat_interval_s: float):
+        self._build = engine if callable(engine) and not isinstance(engine, Engine) else (lambda: engine)
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.engine: Engine | None = None
+
+    def start(self, on_report: Callable[[StepReport], None]) -> None:
+        """Build the engine and start stepping it; raises what building raised."""
+        built = threading.Event()
+        failure: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                self.engine = self._build()
+                on_report(StepReport(self.engine.stats()))
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the calling thread
+                failure.append(exc)
+                return
+            finally:
+                built.set()
+            run_engine(self.engine, self.heartbeat_interval_s, self._next_command, on_report)
+
+        self._thread = threading.Thread(target=body, name="engine-loop", daemon=True)
+        self._thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
+
+    def _next_command(self, timeout: float) -> Command | None:
+        try:
+            return self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
+        except queue.Empty:
+            return None
+
+    def send(self, command: Command) -> None:
+        self._commands.put(command)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def healthy(self) -> bool:
+        return self.alive() and self.engine is not None and self.engine.healthy()
+
+    def stop(self) -> None:
+        self.send(Stop())
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+class EngineProcess:
+    """The engine in a child process, with this process keeping the tensor-parallel followers.
+
+    Ranks 1..N-1 are started here, because only the replica's process is in the replica's placement group
+    (Ray actors); the child joins them as rank 0. Commands go over the pipe from a writer thread, so a
+    full pipe (the engine busy with a long step) never blocks the caller's event loop; reports come back
+    on a reader thread. The child exits when the pipe closes, so a replica killed outright does not leave
+    an engine holding its GPU behind.
+    """
+
+    def __init__(self, model: ModelConfig, engine: EngineConfig, *, use_ray: bool):
+        from serve_app.parallel.group import start_followers
+
+        self.address, self.followers = start_followers(model, engine, use_ray=use_ray)
+        context = multiprocessing.get_context("spawn")  # a forked child would inherit Ray's and torch's threads
+        self._pipe, child_end = context.Pipe()
+        self._process = context.Process(target=_engine_process_main, name="llama-engine", daemon=True,
+                                        args=(child_end, model, engine, self.address))
+        self._child_end = child_end
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def start(self, on_report: Callable[[StepReport], None]) -> None:
+        """Start the child and wait until its engine is built; raises `RuntimeError` if building failed."""
+        self._process.start()
+        self._child_end.close()  # so that the child's exit reads as end-of-file here
+        try:
+            ready: StepReport = self._pipe.recv()
+        except EOFError:
+            self._process.join(timeout=5)
+            ready = StepReport(None, failure=f"the engine process exited with code {self._process.exitcode}")
+        if ready.failure is not None:
+            self._process.join(timeout=5)
+            self._release_followers()
+            raise RuntimeError(f"building the engine failed:\n{ready.failure}")
+        on_report(ready)
+        threading.Thread(target=self._write, name="engine-commands", daemon=True).start()
+        threading.Thread(target=self._read, args=(on_report,), name="engine-reports", daemon=True).start()
+
+    def _write(self) -> None:
+        while True:
+            command = self._commands.get()
+            try:
+                self._pipe.send(command)
+            except (BrokenPipeError, OSError):  # the child is gone; the reader reports it
+                return
+            if isinstance(command, Stop):
+                return
+
+    def _read(self, on_report: Callable[[StepReport], None]) -> None:
+        while True:
+            try:
+                report: StepReport = self._pipe.recv()
+            except (EOFError, OSError):
+                self._process.join(timeout=5)
+                if not self._stopping:
+                    on_report(StepReport(None, failure=f"the engine process exited with code "
+                                                       f"{self._process.exitcode}"))
+                return
+            on_report(report)
+            if report.failure is not None:
+                return
+
+    def send(self, command: Command) -> None:
+        self._commands.put(command)
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def healthy(self) -> bool:
+        return self.alive() and (self.followers is None or self.followers.healthy())
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.send(Stop())
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+        self._release_followers()
+
+    def _release_followers(self) -> None:
+        if self.followers is not None:
+            self.followers.join()
+
+
+def _engine_process_main(pipe: Connection, model: ModelConfig, engine_config: EngineConfig, address) -> None:
+    logging.basicConfig(level=logging.INFO)
+    try:
+        engine = build_engine(model, engine_config, address=address)
+    except BaseException:  # noqa: BLE001 - the parent raises it
+        pipe.send(StepReport(None, failure=traceback.format_exc()))
+        return
+    pipe.send(StepReport(engine.stats()))
+
+    def next_command(timeout: float) -> Command | None:
+        try:
+            if not pipe.poll(timeout):
+                return None
+            return pipe.recv()
+        except (EOFError, OSError):  # the replica is gone
+            return Stop()
+
+    def report(step: StepReport) -> None:
+        try:
+            pipe.send(step)
+        except (BrokenPipeError, OSError):
+            pass  # the replica is gone; the next command read says so and stops the loop
+
+    run_engine(engine, engine_config.heartbeat_interval_s, next_command, report)

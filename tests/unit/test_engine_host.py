@@ -1,0 +1,180 @@
+"""The engine in its own process (the served default), without Ray: it streams the tokens `generate` gives, at
+tp=1 and at tp=2 with followers the replica started, and a dead engine or a dead replica does not go unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from serve_app.config import EngineConfig, ModelConfig
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import EngineRequest
+from serve_app.errors import InvalidRequestError
+from serve_app.replica.engine_host import EngineProcess
+from serve_app.replica.engine_loop import EngineFailed, EngineLoop
+
+PROMPTS = [[1, 15043, 29991], [1, 450, 4996, 17354, 1701, 29916], [1] + list(range(2000, 2040))]
+
+
+def _configs(checkpoint, tp: int = 1) -> tuple[ModelConfig, EngineConfig]:
+    return (ModelConfig(source=str(checkpoint), served_model_id="tiny", dtype="float32", tensor_parallel_size=tp,
+                        max_model_len=512),
+            EngineConfig(device="cpu", kv_cache_bytes=16 * 2**20, heartbeat_interval_s=1.0,
+                         collective_timeout_s=60))
+
+
+def _start(checkpoint, tp: int = 1) -> EngineLoop:
+    return EngineLoop(EngineProcess(*_configs(checkpoint, tp), use_ray=False))
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+    def greedy(prompt: list[int], max_new: int) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        return out[0, len(prompt):].tolist()
+
+    return greedy
+
+
+@pytest.fixture(scope="module")
+def process_loop(tiny_checkpoint):
+    loop = _start(tiny_checkpoint)
+    yield loop
+    loop.stop()
+
+
+def _collect(loop: EngineLoop, requests: list[EngineRequest]) -> dict[str, list[int]]:
+    async def consume() -> dict[str, list[int]]:
+        tokens: dict[str, list[int]] = {request.request_id: [] for request in requests}
+        async for batch in loop.generate(requests):
+            for output in batch:
+                tokens[output.request_id].extend(output.new_token_ids)
+        return tokens
+
+    return asyncio.run(consume())
+
+
+def _eventually(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _all_blocks_free(loop: EngineLoop) -> bool:
+    return loop.stats.num_free_blocks == loop.stats.num_blocks and loop.stats.num_running == 0
+
+
+def test_engine_process_streams_the_tokens_generate_gives(process_loop, reference):
+    requests = [EngineRequest(f"c-{j}", prompt, _greedy(8 + 4 * j)) for j, prompt in enumerate(PROMPTS)]
+    tokens = _collect(process_loop, requests)
+    for j, prompt in enumerate(PROMPTS):
+        assert tokens[f"c-{j}"] == reference(prompt, 8 + 4 * j)
+    assert _eventually(lambda: _all_blocks_free(process_loop))  # the stats came back from the engine's process
+
+
+def test_a_request_the_engine_refuses_is_a_400_and_the_engine_keeps_serving(process_loop, reference):
+    bad = EngineRequest("bad-0", PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={10**6: 5.0}))
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        _collect(process_loop, [bad])
+    assert _collect(process_loop, [EngineRequest("ok-0", PROMPTS[0], _greedy(6))])["ok-0"] == reference(PROMPTS[0], 6)
+
+
+def test_closing_a_stream_aborts_its_request_in_the_engine_process(process_loop):
+    async def first_token_then_leave() -> None:
+        stream = process_loop.generate([EngineRequest("gone-0", PROMPTS[2], _greedy(400))])
+        await stream.__anext__()
+        await stream.aclose()
+
+    asyncio.run(first_token_then_leave())
+    assert _eventually(lambda: _all_blocks_free(process_loop))
+
+
+def test_tp2_engine_process_joins_the_followers_its_replica_started(tiny_checkpoint, reference):
+    loop = _start(tiny_checkpoint, tp=2)
+    followers = loop.host.followers.processes  # started in this process, as the replica starts its actors
+    try:
+        assert loop.healthy()
+        tokens = _collect(loop, [EngineRequest(f"t-{j}", prompt, _greedy(10)) for j, prompt in enumerate(PROMPTS)])
+        assert tokens == {f"t-{j}": reference(prompt, 10) for j, prompt in enumerate(PROMPTS)}
+    finally:
+        loop.stop()
+    assert not any(follower.is_alive() for follower in followers)
+
+
+def test_a_killed_engine_process_fails_open_streams_and_the_health_check(tiny_checkpoint):
+    loop = _start(tiny_checkpoint)
+
+    async def stream_until_killed() -> None:
+        stream = loop.generate([EngineRequest("k-0", PROMPTS[0], _greedy(400))])
+        await stream.__anext__()
+        os.kill(loop.host.pid, signal.SIGKILL)
+        async for _ in stream:
+            pass
+
+    try:
+        with pytest.raises(EngineFailed):
+            asyncio.run(stream_until_killed())
+        assert not loop.alive and not loop.healthy()
+        with pytest.raises(EngineFailed):
+            _collect(loop, [EngineRequest("after-0", PROMPTS[0], _greedy(4))])
+    finally:
+        loop.stop()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def test_the_engine_process_exits_when_its_replica_is_killed(tiny_checkpoint, tmp_path):
+    # A replica process killed outright (OOM, `ray kill`) runs no cleanup; its engine must not live on,
+    # holding the GPU, with nobody to serve.
+    script = textwrap.dedent(f"""
+        import os, signal
+        from serve_app.config import EngineConfig, ModelConfig
+        from serve_app.replica.engine_host import EngineProcess
+        from serve_app.replica.engine_loop import EngineLoop
+        loop = EngineLoop(EngineProcess(
+            ModelConfig(source={str(tiny_checkpoint)!r}, served_model_id="tiny", dtype="float32", max_model_len=512),
+            EngineConfig(device="cpu", kv_cache_bytes=2**24, heartbeat_interval_s=1.0), use_ray=False))
+        with open({str(tmp_path / "engine.pid")!r}, "w") as pid_file:
+            print(loop.host.pid, file=pid_file)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    # Output to files, not pipes: the engine inherits them, and a pipe would keep this waiting on it.
+    with open(tmp_path / "replica.log", "w") as log:
+        replica = subprocess.run([sys.executable, "-c", script], check=False, stdout=log, stderr=log,
+                                 timeout=120)
+    assert replica.returncode == -signal.SIGKILL, (tmp_path / "replica.log").read_text()[-2000:]
+    engine_pid = int((tmp_path / "engine.pid").read_text())
+    assert _eventually(lambda: not _running(engine_pid), timeout_s=20)
+
+
+def test_an_engine_that_cannot_be_built_fails_the_replica_at_start(tmp_path):
+    model, engine = _configs(tmp_path / "no-checkpoint-here")
+    with pytest.raises(RuntimeError, match="building the engine failed"):
+        EngineLoop(EngineProcess(model, engine, use_ray=False))

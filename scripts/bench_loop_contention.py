@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import time
 
@@ -23,6 +24,8 @@ from serve_app.engine.sequence import EngineRequest
 from serve_app.replica.engine_host import EngineProcess, EngineThread
 from serve_app.replica.engine_loop import EngineLoop
 
+UNIQUE = itertools.count(2000)  # a token that makes each prompt differ from every earlier one
+
 
 def hold_the_gil(microseconds: float) -> None:
     end = time.perf_counter() + microseconds / 1e6
@@ -31,19 +34,23 @@ def hold_the_gil(microseconds: float) -> None:
 
 
 async def time_per_token(loop: EngineLoop, prompt: list[int], output_len: int, work_us: float,
-                         repeats: int) -> float:
+                         repeats: int) -> tuple[float, float]:
+    """Median time to first token and time per later token, in ms."""
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    samples = []
+    ttfts, tpots = [], []
     for index in range(repeats + 1):
-        first, received = None, 0
-        async for batch in loop.generate([EngineRequest(f"w{work_us}-{index}-0", prompt, params)]):
+        # A prompt of its own each time, so the prefix cache cannot skip the prefill being timed.
+        request = EngineRequest(f"w{work_us}-{index}-0", [1, next(UNIQUE)] + prompt[2:], params)
+        start, first, received = time.perf_counter(), None, 0
+        async for batch in loop.generate([request]):
             received += len(batch)
-            hold_the_gil(work_us)
             if first is None:
                 first = time.perf_counter()
+            hold_the_gil(work_us)
         if index:  # the first run warms up
-            samples.append((time.perf_counter() - first) / (received - 1) * 1000)
-    return statistics.median(samples)
+            ttfts.append((first - start) * 1000)
+            tpots.append((time.perf_counter() - first) / (received - 1) * 1000)
+    return statistics.median(ttfts), statistics.median(tpots)
 
 
 def main() -> None:
@@ -69,9 +76,9 @@ def main() -> None:
         loop = EngineLoop(host)
         try:
             for work_us in args.work_us:
-                tpot = asyncio.run(time_per_token(loop, prompt, args.output_len, work_us, args.repeats))
+                ttft, tpot = asyncio.run(time_per_token(loop, prompt, args.output_len, work_us, args.repeats))
                 print(f"engine on a {host_kind:7s} | {work_us:4.0f} us of event-loop Python per message: "
-                      f"{tpot:.3f} ms per output token", flush=True)
+                      f"first token {ttft:.2f} ms, {tpot:.3f} ms per later token", flush=True)
         finally:
             loop.stop()
 

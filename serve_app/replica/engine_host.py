@@ -16,6 +16,7 @@ Each host delivers reports to an `on_report` callback on a background thread of 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import queue
@@ -136,6 +137,9 @@ class EngineThread:
         except queue.Empty:
             return None
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reports come from the engine thread, whatever loop the streams are on."""
+
     def send(self, command: Command) -> None:
         self._commands.put(command)
 
@@ -172,6 +176,8 @@ class EngineProcess:
         self._child_end = child_end
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_report: Callable[[StepReport], None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -191,8 +197,18 @@ class EngineProcess:
             self._release_followers()
             raise RuntimeError(f"building the engine failed:\n{ready.failure}")
         on_report(ready)
+        self._on_report = on_report
         threading.Thread(target=self._write, name="engine-commands", daemon=True).start()
-        threading.Thread(target=self._read, args=(on_report,), name="engine-reports", daemon=True).start()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read reports on `loop`, the event loop that serves the streams, when data arrives: no thread of
+        our own waking up for each step and waiting for the interpreter lock the event loop holds."""
+        if loop is self._loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("an engine process reports to one event loop at a time")
+        self._loop = loop
+        loop.add_reader(self._pipe.fileno(), self._read_reports)
 
     def _write(self) -> None:
         while True:
@@ -204,19 +220,17 @@ class EngineProcess:
             if isinstance(command, Stop):
                 return
 
-    def _read(self, on_report: Callable[[StepReport], None]) -> None:
-        while True:
-            try:
+    def _read_reports(self) -> None:
+        try:
+            while self._pipe.poll(0):
                 report: StepReport = self._pipe.recv()
-            except (EOFError, OSError):
-                self._process.join(timeout=5)
-                if not self._stopping:
-                    on_report(StepReport(None, failure=f"the engine process exited with code "
-                                                       f"{self._process.exitcode}"))
-                return
-            on_report(report)
-            if report.failure is not None:
-                return
+                self._on_report(report)
+        except (EOFError, OSError):
+            self._loop.remove_reader(self._pipe.fileno())
+            self._process.join(timeout=5)
+            if not self._stopping:
+                self._on_report(StepReport(None, failure=f"the engine process exited with code "
+                                                         f"{self._process.exitcode}"))
 
     def send(self, command: Command) -> None:
         self._commands.put(command)

@@ -127,6 +127,7 @@ class EngineLoop:
             raise EngineFailed("the engine is not running")
         self._admit(requests)
         clock = asyncio.get_running_loop()
+        self.host.attach(clock)
         outputs: asyncio.Queue = asyncio.Queue()
         for request in requests:
             self._streams[request.request_id] = (clock, outputs)
@@ -167,7 +168,7 @@ class EngineLoop:
         self.host.stop()
 
     def _on_report(self, report: StepReport) -> None:
-        """On the host's thread: hand each stream its share of a step, in one event-loop wake-up per stream."""
+        """On the host's thread or the streams' event loop: hand each stream its share of a step."""
         if report.stats is not None:
             self._stats = report.stats
         deliveries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list]] = {}
@@ -186,8 +187,15 @@ class EngineLoop:
             self._failure = EngineFailed(f"the engine failed: {report.failure.strip().splitlines()[-1]}")
             for request_id in list(self._streams):
                 deliver(request_id, self._failure)
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:  # a host thread
+            here = None
         for loop, outputs, items in deliveries.values():
-            loop.call_soon_threadsafe(_put_all, outputs, items)
+            if loop is here:
+                _put_all(outputs, items)
+            else:
+                loop.call_soon_threadsafe(_put_all, outputs, items)
 
 
 def _put_all(outputs: asyncio.Queue, items: list) -> None:

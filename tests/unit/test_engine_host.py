@@ -55,29 +55,34 @@ def reference(tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
+def runner():
+    """One event loop for the module, as a replica has: the engine process reports to the loop its streams
+    are on, and those reports are read while that loop runs."""
+    with asyncio.Runner() as runner:
+        yield runner
+
+
+@pytest.fixture(scope="module")
 def process_loop(tiny_checkpoint):
     loop = _start(tiny_checkpoint)
     yield loop
     loop.stop()
 
 
-def _collect(loop: EngineLoop, requests: list[EngineRequest]) -> dict[str, list[int]]:
-    async def consume() -> dict[str, list[int]]:
-        tokens: dict[str, list[int]] = {request.request_id: [] for request in requests}
-        async for batch in loop.generate(requests):
-            for output in batch:
-                tokens[output.request_id].extend(output.new_token_ids)
-        return tokens
-
-    return asyncio.run(consume())
+async def _tokens(loop: EngineLoop, requests: list[EngineRequest]) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {request.request_id: [] for request in requests}
+    async for batch in loop.generate(requests):
+        for output in batch:
+            tokens[output.request_id].extend(output.new_token_ids)
+    return tokens
 
 
-def _eventually(condition, timeout_s: float = 10.0) -> bool:
+async def _eventually(condition, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     return True
 
 
@@ -85,44 +90,47 @@ def _all_blocks_free(loop: EngineLoop) -> bool:
     return loop.stats.num_free_blocks == loop.stats.num_blocks and loop.stats.num_running == 0
 
 
-def test_engine_process_streams_the_tokens_generate_gives(process_loop, reference):
+def test_engine_process_streams_the_tokens_generate_gives(runner, process_loop, reference):
     requests = [EngineRequest(f"c-{j}", prompt, _greedy(8 + 4 * j)) for j, prompt in enumerate(PROMPTS)]
-    tokens = _collect(process_loop, requests)
+    tokens = runner.run(_tokens(process_loop, requests))
     for j, prompt in enumerate(PROMPTS):
         assert tokens[f"c-{j}"] == reference(prompt, 8 + 4 * j)
-    assert _eventually(lambda: _all_blocks_free(process_loop))  # the stats came back from the engine's process
+    # The stats come back from the engine's process too.
+    assert runner.run(_eventually(lambda: _all_blocks_free(process_loop)))
 
 
-def test_a_request_the_engine_refuses_is_a_400_and_the_engine_keeps_serving(process_loop, reference):
+def test_a_request_the_engine_refuses_is_a_400_and_the_engine_keeps_serving(runner, process_loop, reference):
     bad = EngineRequest("bad-0", PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={10**6: 5.0}))
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
-        _collect(process_loop, [bad])
-    assert _collect(process_loop, [EngineRequest("ok-0", PROMPTS[0], _greedy(6))])["ok-0"] == reference(PROMPTS[0], 6)
+        runner.run(_tokens(process_loop, [bad]))
+    ok = runner.run(_tokens(process_loop, [EngineRequest("ok-0", PROMPTS[0], _greedy(6))]))
+    assert ok["ok-0"] == reference(PROMPTS[0], 6)
 
 
-def test_closing_a_stream_aborts_its_request_in_the_engine_process(process_loop):
-    async def first_token_then_leave() -> None:
+def test_closing_a_stream_aborts_its_request_in_the_engine_process(runner, process_loop):
+    async def first_token_then_leave() -> bool:
         stream = process_loop.generate([EngineRequest("gone-0", PROMPTS[2], _greedy(400))])
         await stream.__anext__()
         await stream.aclose()
+        return await _eventually(lambda: _all_blocks_free(process_loop))
 
-    asyncio.run(first_token_then_leave())
-    assert _eventually(lambda: _all_blocks_free(process_loop))
+    assert runner.run(first_token_then_leave())
 
 
-def test_tp2_engine_process_joins_the_followers_its_replica_started(tiny_checkpoint, reference):
+def test_tp2_engine_process_joins_the_followers_its_replica_started(runner, tiny_checkpoint, reference):
     loop = _start(tiny_checkpoint, tp=2)
     followers = loop.host.followers.processes  # started in this process, as the replica starts its actors
     try:
         assert loop.healthy()
-        tokens = _collect(loop, [EngineRequest(f"t-{j}", prompt, _greedy(10)) for j, prompt in enumerate(PROMPTS)])
+        requests = [EngineRequest(f"t-{j}", prompt, _greedy(10)) for j, prompt in enumerate(PROMPTS)]
+        tokens = runner.run(_tokens(loop, requests))
         assert tokens == {f"t-{j}": reference(prompt, 10) for j, prompt in enumerate(PROMPTS)}
     finally:
         loop.stop()
     assert not any(follower.is_alive() for follower in followers)
 
 
-def test_a_killed_engine_process_fails_open_streams_and_the_health_check(tiny_checkpoint):
+def test_a_killed_engine_process_fails_open_streams_and_the_health_check(runner, tiny_checkpoint):
     loop = _start(tiny_checkpoint)
 
     async def stream_until_killed() -> None:
@@ -134,10 +142,10 @@ def test_a_killed_engine_process_fails_open_streams_and_the_health_check(tiny_ch
 
     try:
         with pytest.raises(EngineFailed):
-            asyncio.run(stream_until_killed())
+            runner.run(stream_until_killed())
         assert not loop.alive and not loop.healthy()
         with pytest.raises(EngineFailed):
-            _collect(loop, [EngineRequest("after-0", PROMPTS[0], _greedy(4))])
+            runner.run(_tokens(loop, [EngineRequest("after-0", PROMPTS[0], _greedy(4))]))
     finally:
         loop.stop()
 
@@ -150,7 +158,7 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_the_engine_process_exits_when_its_replica_is_killed(tiny_checkpoint, tmp_path):
+def test_the_engine_process_exits_when_its_replica_is_killed(runner, tiny_checkpoint, tmp_path):
     # A replica process killed outright (OOM, `ray kill`) runs no cleanup; its engine must not live on,
     # holding the GPU, with nobody to serve.
     script = textwrap.dedent(f"""
@@ -171,7 +179,7 @@ def test_the_engine_process_exits_when_its_replica_is_killed(tiny_checkpoint, tm
                                  timeout=120)
     assert replica.returncode == -signal.SIGKILL, (tmp_path / "replica.log").read_text()[-2000:]
     engine_pid = int((tmp_path / "engine.pid").read_text())
-    assert _eventually(lambda: not _running(engine_pid), timeout_s=20)
+    assert runner.run(_eventually(lambda: not _running(engine_pid), timeout_s=20))
 
 
 def test_an_engine_that_cannot_be_built_fails_the_replica_at_start(tmp_path):

@@ -11,7 +11,8 @@ sends a `StepReport` with that step's outputs and the engine's stats. The loop i
 - `EngineThread` runs it on a thread of the calling process: tests, benchmarks, and
   `engine.separate_process: false`.
 
-Each host delivers reports to an `on_report` callback on a background thread of the calling process.
+Each host delivers reports to an `on_report` callback: the thread host from its thread, the process host on
+the event loop its streams run on (`attach`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import logging
 import multiprocessing
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.engine import Engine, EngineStats, build_engine
@@ -107,10 +110,12 @@ class EngineThread:
         self.heartbeat_interval_s = heartbeat_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._on_report: Callable[[StepReport], None] | None = None
         self.engine: Engine | None = None
 
     def start(self, on_report: Callable[[StepReport], None]) -> None:
         """Build the engine and start stepping it; raises what building raised."""
+        self._on_report = on_report
         built = threading.Event()
         failure: list[BaseException] = []
 
@@ -150,9 +155,12 @@ class EngineThread:
         return self.alive() and self.engine is not None and self.engine.healthy()
 
     def stop(self) -> None:
+        """Stop the engine (its group shuts down with it); open streams fail."""
         self.send(Stop())
         if self._thread is not None:
             self._thread.join(timeout=30)
+            if self._on_report is not None:
+                self._on_report(StepReport(None, failure="the engine was stopped"))
 
 
 class EngineProcess:
@@ -160,9 +168,10 @@ class EngineProcess:
 
     Ranks 1..N-1 are started here, because only the replica's process is in the replica's placement group
     (Ray actors); the child joins them as rank 0. Commands go over the pipe from a writer thread, so a
-    full pipe (the engine busy with a long step) never blocks the caller's event loop; reports come back
-    on a reader thread. The child exits when the pipe closes, so a replica killed outright does not leave
-    an engine holding its GPU behind.
+    full pipe (the engine busy with a long step) never blocks the caller's event loop. Reports are read by
+    that event loop itself when the pipe has data: a reader thread would wake for every step and then wait
+    for the interpreter lock the event loop holds (about 1 ms more to a first token, measured). The child
+    exits when the pipe closes, so a replica killed outright does not leave an engine holding its GPU.
     """
 
     def __init__(self, model: ModelConfig, engine: EngineConfig, *, use_ray: bool):
@@ -174,7 +183,8 @@ class EngineProcess:
         self._process = context.Process(target=_engine_process_main, name="llama-engine", daemon=True,
                                         args=(child_end, model, engine, self.address))
         self._child_end = child_end
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # (pickled command, is it Stop)
+        self._writer = threading.Thread(target=self._write, name="engine-commands", daemon=True)
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_report: Callable[[StepReport], None] | None = None
@@ -185,7 +195,11 @@ class EngineProcess:
 
     def start(self, on_report: Callable[[StepReport], None]) -> None:
         """Start the child and wait until its engine is built; raises `RuntimeError` if building failed."""
-        self._process.start()
+        try:
+            self._process.start()
+        except BaseException:
+            self._release_followers()
+            raise
         self._child_end.close()  # so that the child's exit reads as end-of-file here
         try:
             ready: StepReport = self._pipe.recv()
@@ -194,15 +208,17 @@ class EngineProcess:
             ready = StepReport(None, failure=f"the engine process exited with code {self._process.exitcode}")
         if ready.failure is not None:
             self._process.join(timeout=5)
+            self._pipe.close()
             self._release_followers()
             raise RuntimeError(f"building the engine failed:\n{ready.failure}")
         on_report(ready)
         self._on_report = on_report
-        threading.Thread(target=self._write, name="engine-commands", daemon=True).start()
+        self._writer.start()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read reports on `loop`, the event loop that serves the streams, when data arrives: no thread of
-        our own waking up for each step and waiting for the interpreter lock the event loop holds."""
+        our own waking up for each step and waiting for the interpreter lock the event loop holds. The
+        loop must keep running while the engine does (a replica's does)."""
         if loop is self._loop:
             return
         if self._loop is not None and not self._loop.is_closed():
@@ -210,14 +226,23 @@ class EngineProcess:
         self._loop = loop
         loop.add_reader(self._pipe.fileno(), self._read_reports)
 
+    def send(self, command: Command) -> None:
+        """Queue `command` for the writer thread; pickled here, so a command that cannot be sent fails its
+        caller instead of the writer."""
+        self._commands.put((ForkingPickler.dumps(command), isinstance(command, Stop)))
+
     def _write(self) -> None:
         while True:
-            command = self._commands.get()
+            payload, is_stop = self._commands.get()
             try:
-                self._pipe.send(command)
-            except (BrokenPipeError, OSError):  # the child is gone; the reader reports it
+                self._pipe.send_bytes(payload)
+            except (BrokenPipeError, OSError):  # the child is gone; reading its end-of-file says so
                 return
-            if isinstance(command, Stop):
+            except Exception:  # every stream waits on what it sent: fail them rather than leave them hanging
+                logger.exception("sending to the engine process failed")
+                self._on_report(StepReport(None, failure=traceback.format_exc()))
+                return
+            if is_stop:
                 return
 
     def _read_reports(self) -> None:
@@ -227,31 +252,61 @@ class EngineProcess:
                 self._on_report(report)
         except (EOFError, OSError):
             self._loop.remove_reader(self._pipe.fileno())
-            self._process.join(timeout=5)
-            if not self._stopping:
-                self._on_report(StepReport(None, failure=f"the engine process exited with code "
-                                                         f"{self._process.exitcode}"))
+            self._pipe.close()
+            self._on_report(StepReport(None, failure=self._ending()))
 
-    def send(self, command: Command) -> None:
-        self._commands.put(command)
+    def _ending(self) -> str:
+        if self._stopping:
+            return "the engine was stopped"
+        return f"the engine process exited (exit code {self._process.exitcode})"  # exitcode does not block
 
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return self._process.is_alive() and self._writer.is_alive()
 
     def healthy(self) -> bool:
         return self.alive() and (self.followers is None or self.followers.healthy())
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the engine (its group shuts down with it), release the followers; open streams fail."""
+        if self._stopping:
+            return
         self._stopping = True
         self.send(Stop())
-        self._process.join(timeout=30)
+        # Unless the streams' event loop is running elsewhere, nothing reads the pipe while this waits: drain
+        # it here, or a child blocked sending a report would never read its Stop.
+        reading_here = self._loop is None or self._loop.is_closed() or _running_loop() is self._loop
+        deadline = time.monotonic() + timeout_s
+        while self._process.is_alive() and time.monotonic() < deadline:
+            if not reading_here or self._pipe.closed:
+                self._process.join(timeout=0.1)
+                continue
+            try:
+                if self._pipe.poll(0.1):
+                    self._pipe.recv()  # the streams fail below; their last outputs go with them
+            except (EOFError, OSError):
+                self._process.join(timeout=max(0.0, deadline - time.monotonic()))
         if self._process.is_alive():
+            logger.warning("the engine process did not stop in %.0f s; killing it", timeout_s)
             self._process.kill()
+            self._process.join(timeout=5)
+        if reading_here and not self._pipe.closed:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._pipe.fileno())
+            self._pipe.close()
+            if self._on_report is not None:
+                self._on_report(StepReport(None, failure=self._ending()))
         self._release_followers()
 
     def _release_followers(self) -> None:
         if self.followers is not None:
             self.followers.join()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _engine_process_main(pipe: Connection, model: ModelConfig, engine_config: EngineConfig, address) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from serve_app.config import EngineConfig
 from serve_app.engine.engine import EngineStats
 from serve_app.engine.sequence import EngineRequest, RequestOutput
-from serve_app.errors import InvalidRequestError, OverloadedError
+from serve_app.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
 from serve_app.replica.engine_host import Abort, EngineProcess, EngineThread, StepReport
 
 EngineHost = EngineProcess | EngineThread
@@ -33,8 +33,12 @@ def client_request(request_id: str) -> str:
     return request_id.rsplit("-", 1)[0]
 
 
-class EngineFailed(RuntimeError):
-    """The engine thread died; the replica is unhealthy and Serve will replace it."""
+class EngineFailed(ServiceUnavailableError):
+    """The engine has stopped or failed; the replica is unhealthy and Serve will replace it. A client gets a
+    503 with Retry-After: another replica group, or this one's replacement, can serve the retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=1.0)
 
 
 @dataclass(frozen=True)
@@ -124,10 +128,10 @@ class EngineLoop:
         them all; each message carries whatever any of them produced since the last one. Closing the stream
         aborts those still running."""
         if not self.alive:
-            raise EngineFailed("the engine is not running")
-        self._admit(requests)
+            raise EngineFailed("The model's engine is not running. Please retry.")
         clock = asyncio.get_running_loop()
         self.host.attach(clock)
+        self._admit(requests)
         outputs: asyncio.Queue = asyncio.Queue()
         for request in requests:
             self._streams[request.request_id] = (clock, outputs)
@@ -136,7 +140,7 @@ class EngineLoop:
         self._open_calls += 1
         try:
             if self._failure is not None:  # failed after the check above, before this stream was known
-                raise self._failure
+                raise EngineFailed("The model's engine is not running. Please retry.") from self._failure
             last_sent = None  # the first message goes at once
             while unfinished:
                 batch = [await outputs.get()]
@@ -150,7 +154,8 @@ class EngineLoop:
                     if isinstance(item, ValueError):  # the engine refused a request itself
                         raise InvalidRequestError(str(item)) from None
                     if isinstance(item, EngineFailed):
-                        raise EngineFailed("the engine failed while running this request") from item
+                        raise EngineFailed("The model's engine failed while running this request. Please "
+                                           "retry.") from item
                     self._waiting.pop(item.request_id, None)
                     if item.finished:
                         unfinished.discard(item.request_id)
@@ -182,9 +187,10 @@ class EngineLoop:
             deliver(request_id, ValueError(reason))
         for output in report.outputs:
             deliver(output.request_id, output)
-        if report.failure is not None:
-            logger.error("the engine failed:\n%s", report.failure)
+        if report.failure is not None and self._failure is None:  # the first report of a failure is the cause
+            logger.warning("the engine stopped:\n%s", report.failure)
             self._failure = EngineFailed(f"the engine failed: {report.failure.strip().splitlines()[-1]}")
+        if self._failure is not None:
             for request_id in list(self._streams):
                 deliver(request_id, self._failure)
         try:
@@ -194,7 +200,7 @@ class EngineLoop:
         for loop, outputs, items in deliveries.values():
             if loop is here:
                 _put_all(outputs, items)
-            else:
+            elif not loop.is_closed():  # a closed loop's streams are gone with it
                 loop.call_soon_threadsafe(_put_all, outputs, items)
 
 

@@ -243,7 +243,7 @@ def test_a_client_that_disconnects_frees_its_kv_blocks(edge, stream):
                 await task
 
     asyncio.run(run())
-    # The abort reaches the engine thread at its next command drain, i.e. within one step.
+    # The abort reaches the engine at its next command drain, i.e. within one step.
     _wait_for(lambda: metric(edge, "llama_serve_num_requests_running") == 0, timeout=5)
     assert metric(edge, "llama_serve_kv_cache_usage_ratio") == 0
     assert httpx.post(f"{edge}/v1/chat/completions", headers=AUTH, timeout=60,

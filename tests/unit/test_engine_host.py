@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import EngineRequest
-from serve_app.errors import InvalidRequestError
+from serve_app.errors import InvalidRequestError, to_service_error
 from serve_app.replica.engine_host import EngineProcess
 from serve_app.replica.engine_loop import EngineFailed, EngineLoop
 
@@ -69,9 +69,12 @@ def process_loop(tiny_checkpoint):
     loop.stop()
 
 
-async def _tokens(loop: EngineLoop, requests: list[EngineRequest]) -> dict[str, list[int]]:
+async def _tokens(loop: EngineLoop, requests: list[EngineRequest], running_seen: list[int] | None = None
+                  ) -> dict[str, list[int]]:
     tokens: dict[str, list[int]] = {request.request_id: [] for request in requests}
     async for batch in loop.generate(requests):
+        if running_seen is not None:
+            running_seen.append(loop.stats.num_running)
         for output in batch:
             tokens[output.request_id].extend(output.new_token_ids)
     return tokens
@@ -92,10 +95,12 @@ def _all_blocks_free(loop: EngineLoop) -> bool:
 
 def test_engine_process_streams_the_tokens_generate_gives(runner, process_loop, reference):
     requests = [EngineRequest(f"c-{j}", prompt, _greedy(8 + 4 * j)) for j, prompt in enumerate(PROMPTS)]
-    tokens = runner.run(_tokens(process_loop, requests))
+    running_seen: list[int] = []
+    tokens = runner.run(_tokens(process_loop, requests, running_seen))
     for j, prompt in enumerate(PROMPTS):
         assert tokens[f"c-{j}"] == reference(prompt, 8 + 4 * j)
-    # The stats come back from the engine's process too.
+    # The engine's stats come back with its outputs: three running, then none and every block free.
+    assert running_seen[0] == 3
     assert runner.run(_eventually(lambda: _all_blocks_free(process_loop)))
 
 
@@ -108,13 +113,33 @@ def test_a_request_the_engine_refuses_is_a_400_and_the_engine_keeps_serving(runn
 
 
 def test_closing_a_stream_aborts_its_request_in_the_engine_process(runner, process_loop):
-    async def first_token_then_leave() -> bool:
-        stream = process_loop.generate([EngineRequest("gone-0", PROMPTS[2], _greedy(400))])
-        await stream.__anext__()
-        await stream.aclose()
-        return await _eventually(lambda: _all_blocks_free(process_loop))
+    async def leave_one_of_two() -> None:
+        gone = process_loop.generate([EngineRequest("gone-0", PROMPTS[2], _greedy(400))])
+        await gone.__anext__()
+        await gone.aclose()
+        kept = await _tokens(process_loop, [EngineRequest("kept-0", PROMPTS[1], _greedy(100))])
+        assert len(kept["kept-0"]) == 100
+        # Had it not been aborted, the first request would have 300 tokens to go when the second finishes.
+        assert process_loop.stats.num_running == 0
+        assert await _eventually(lambda: _all_blocks_free(process_loop))
 
-    assert runner.run(first_token_then_leave())
+    runner.run(leave_one_of_two())
+
+
+def test_stopping_the_engine_fails_open_streams_with_a_503(runner, tiny_checkpoint):
+    loop = _start(tiny_checkpoint)
+
+    async def stream_while_stopped() -> None:
+        stream = loop.generate([EngineRequest("s-0", PROMPTS[0], _greedy(400))])
+        await stream.__anext__()
+        loop.stop()  # as Serve tears a replica down: on its event loop
+        async for _ in stream:
+            pass
+
+    with pytest.raises(EngineFailed) as failed:
+        runner.run(asyncio.wait_for(stream_while_stopped(), timeout=60))  # a stream left open would hang
+    assert to_service_error(failed.value).status_code == 503 and failed.value.retry_after
+    assert not loop.alive and loop.host.pid is not None and not _running(loop.host.pid)
 
 
 def test_tp2_engine_process_joins_the_followers_its_replica_started(runner, tiny_checkpoint, reference):

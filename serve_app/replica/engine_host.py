@@ -37,6 +37,14 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Add:
+    """One call's requests (a client request's `n` choices and prompts): in one command, so the engine admits
+    them in the same step."""
+
+    requests: list[EngineRequest]
+
+
+@dataclass(frozen=True)
 class Abort:
     request_id: str
 
@@ -46,7 +54,7 @@ class Stop:
     pass
 
 
-Command = EngineRequest | Abort | Stop
+Command = Add | Abort | Stop
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,11 @@ def run_engine(engine: Engine, heartbeat_interval_s: float, next_command: Callab
                 if isinstance(command, Abort):
                     engine.abort_request(command.request_id)
                 else:
-                    try:
-                        engine.add_request(command.request_id, command.prompt_token_ids, command.params)
-                    except ValueError as exc:
-                        refused[command.request_id] = str(exc)
+                    for request in command.requests:
+                        try:
+                            engine.add_request(request.request_id, request.prompt_token_ids, request.params)
+                        except ValueError as exc:
+                            refused[request.request_id] = str(exc)
                 applied = True
                 command = next_command(0)
             if idle and not applied:

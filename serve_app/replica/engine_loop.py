@@ -21,7 +21,7 @@ from serve_app.config import EngineConfig
 from serve_app.engine.engine import EngineStats
 from serve_app.engine.sequence import EngineRequest, RequestOutput
 from serve_app.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
-from serve_app.replica.engine_host import Abort, EngineProcess, EngineThread, StepReport
+from serve_app.replica.engine_host import Abort, Add, EngineProcess, EngineThread, StepReport
 
 EngineHost = EngineProcess | EngineThread
 
@@ -135,7 +135,7 @@ class EngineLoop:
         outputs: asyncio.Queue = asyncio.Queue()
         for request in requests:
             self._streams[request.request_id] = (clock, outputs)
-            self.host.send(request)
+        self.host.send(Add(requests))
         unfinished = {request.request_id for request in requests}
         self._open_calls += 1
         try:

@@ -22,3 +22,25 @@ def tiny_checkpoint() -> Path:
     from serve_app.tiny_llama import ensure_tiny_llama
 
     return ensure_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def greedy_reference(tiny_checkpoint):
+    """`greedy(prompt, max_new)`: `transformers` `generate`'s greedy continuation on the tiny checkpoint, the
+    reference every engine path is checked against (memoized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    cache: dict[tuple[int, ...], list[int]] = {}
+
+    def greedy(prompt: list[int], max_new: int) -> list[int]:
+        key = (*prompt, -max_new)
+        if key not in cache:
+            with torch.no_grad():
+                out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+            cache[key] = out[0, len(prompt):].tolist()
+        return cache[key]
+
+    return greedy

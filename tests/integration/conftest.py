@@ -1,8 +1,9 @@
 """One real app for all integration tests: started once per session on a local Ray cluster.
 
 Three applications run side by side: the CPU default (`configs/tiny.yaml`, tp=2) at `/`, the same model at
-tp=1 under `/tp1`, so greedy outputs of both can be checked against `transformers`' `generate`, and under
-`/edge` a tp=1 copy with an API key and small limits (context, body, messages, engine batch and waiting
+tp=1 under `/tp1` with its engine on a thread of the replica (as `configs/tiny-tp1.yaml`; the others run it
+in its own process), so greedy outputs of both hosts can be checked against `transformers`' `generate`, and
+under `/edge` a tp=1 copy with an API key and small limits (context, body, messages, engine batch and waiting
 queue) for the tests of the API's edges.
 """
 
@@ -60,6 +61,7 @@ def server():
     args = app_config["args"]
     tp1_args = copy.deepcopy(args)
     tp1_args["model"]["tensor_parallel_size"] = 1
+    tp1_args["engine"]["separate_process"] = False  # as configs/tiny-tp1.yaml: the engine on a thread, served
     # Logical CPUs, for Ray's accounting: the four applications (with test_engine_recovery.py's) reserve 4.5.
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})

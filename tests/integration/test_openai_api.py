@@ -9,8 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from serve_app.protocol import ChatMessage
 from serve_app.stage.chat_template import render_chat_prompt
@@ -130,16 +129,13 @@ def test_openai_client_async_concurrent(server):
 
 @pytest.mark.parametrize("prefix", ["", "/tp1"])
 @pytest.mark.parametrize("messages", [HELLO, CHEF], ids=["hello", "chef"])
-def test_temperature_zero_equals_transformers_generate(server, tiny_checkpoint, prefix, messages):
+def test_temperature_zero_equals_transformers_generate(server, tiny_checkpoint, greedy_reference, prefix,
+                                                        messages):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     prompt = render_chat_prompt([ChatMessage.model_validate(m) for m in messages],
                                 lambda text: tokenizer.encode(text, add_special_tokens=False),
                                 tokenizer.bos_token_id, tokenizer.eos_token_id)
-    with torch.no_grad():
-        generated = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False,
-                                   attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    new_ids = generated[0, len(prompt):].tolist()
+    new_ids = greedy_reference(prompt, 24)
     detokenizer = IncrementalDetokenizer(tokenizer)
     expected = detokenizer.push(new_ids) + detokenizer.flush()
 

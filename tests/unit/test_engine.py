@@ -22,20 +22,8 @@ def _random_prompts(count: int, seed: int, low: int = 3, high: int = 200) -> lis
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-    cache: dict[tuple[int, ...], list[int]] = {}
-
-    def greedy(prompt: list[int], max_new: int = MAX_NEW) -> list[int]:
-        key = (*prompt, -max_new)
-        if key not in cache:
-            with torch.no_grad():
-                out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
-                                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-            cache[key] = out[0, len(prompt):].tolist()
-        return cache[key]
-
-    return greedy
+def reference(greedy_reference):
+    return lambda prompt, max_new=MAX_NEW: greedy_reference(prompt, max_new)
 
 
 def _engine(checkpoint, tp: int = 1, *, kv_cache_bytes: int = 64 * 2**20, max_model_len: int = 1024,

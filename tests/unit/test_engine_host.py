@@ -13,8 +13,6 @@ import textwrap
 import time
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.sampling_params import SamplingParams
@@ -39,19 +37,6 @@ def _start(checkpoint, tp: int = 1) -> EngineLoop:
 
 def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
-
-    def greedy(prompt: list[int], max_new: int) -> list[int]:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
-                                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-        return out[0, len(prompt):].tolist()
-
-    return greedy
 
 
 @pytest.fixture(scope="module")
@@ -93,24 +78,25 @@ def _all_blocks_free(loop: EngineLoop) -> bool:
     return loop.stats.num_free_blocks == loop.stats.num_blocks and loop.stats.num_running == 0
 
 
-def test_engine_process_streams_the_tokens_generate_gives(runner, process_loop, reference):
+def test_engine_process_streams_the_tokens_generate_gives(runner, process_loop, greedy_reference):
     requests = [EngineRequest(f"c-{j}", prompt, _greedy(8 + 4 * j)) for j, prompt in enumerate(PROMPTS)]
     running_seen: list[int] = []
     tokens = runner.run(_tokens(process_loop, requests, running_seen))
     for j, prompt in enumerate(PROMPTS):
-        assert tokens[f"c-{j}"] == reference(prompt, 8 + 4 * j)
+        assert tokens[f"c-{j}"] == greedy_reference(prompt, 8 + 4 * j)
     # The engine's stats come back with its outputs: the call's three requests running from its first step,
     # then none and every block free.
     assert running_seen[0] == 3
     assert runner.run(_eventually(lambda: _all_blocks_free(process_loop)))
 
 
-def test_a_request_the_engine_refuses_is_a_400_and_the_engine_keeps_serving(runner, process_loop, reference):
+def test_a_request_the_engine_refuses_is_a_400_and_the_engine_keeps_serving(
+        runner, process_loop, greedy_reference):
     bad = EngineRequest("bad-0", PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={10**6: 5.0}))
     with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
         runner.run(_tokens(process_loop, [bad]))
     ok = runner.run(_tokens(process_loop, [EngineRequest("ok-0", PROMPTS[0], _greedy(6))]))
-    assert ok["ok-0"] == reference(PROMPTS[0], 6)
+    assert ok["ok-0"] == greedy_reference(PROMPTS[0], 6)
 
 
 def test_closing_a_stream_aborts_its_request_in_the_engine_process(runner, process_loop):
@@ -143,14 +129,14 @@ def test_stopping_the_engine_fails_open_streams_with_a_503(runner, tiny_checkpoi
     assert not loop.alive and loop.host.pid is not None and not _running(loop.host.pid)
 
 
-def test_tp2_engine_process_joins_the_followers_its_replica_started(runner, tiny_checkpoint, reference):
+def test_tp2_engine_process_joins_the_followers_its_replica_started(runner, tiny_checkpoint, greedy_reference):
     loop = _start(tiny_checkpoint, tp=2)
     followers = loop.host.followers.processes  # started in this process, as the replica starts its actors
     try:
         assert loop.healthy()
         requests = [EngineRequest(f"t-{j}", prompt, _greedy(10)) for j, prompt in enumerate(PROMPTS)]
         tokens = runner.run(_tokens(loop, requests))
-        assert tokens == {f"t-{j}": reference(prompt, 10) for j, prompt in enumerate(PROMPTS)}
+        assert tokens == {f"t-{j}": greedy_reference(prompt, 10) for j, prompt in enumerate(PROMPTS)}
     finally:
         loop.stop()
     assert not any(follower.is_alive() for follower in followers)

@@ -9,12 +9,17 @@ measured where the client sees them (the ingress), which is the honest place for
 engine's gauges are pulled from the replica when scraped. One registry per ingress replica: with several
 ingress replicas or replica groups, each scrape answers for the ingress replica and the replica group that
 served it (see docs/api.md).
+
+Every replica group also exports the same engine gauges through Ray's metrics (`ReplicaGaugeExport`), labelled
+with its application, deployment and replica, so a Prometheus that scrapes Ray's nodes sees each group.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -23,6 +28,22 @@ from serve_app.engine.engine import EngineStats
 
 PREFIX = "llama_serve_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+logger = logging.getLogger(__name__)
+
+# The engine's gauges: name (after PREFIX) -> (help, value from EngineStats). Shared by the ingress's
+# `/metrics` and each replica group's export through Ray, so both say the same thing under the same names.
+ENGINE_GAUGES: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
+    "num_requests_running": ("Engine sequences in the running batch.", lambda s: s.num_running),
+    "num_requests_waiting": ("Engine sequences waiting to be scheduled.", lambda s: s.num_waiting),
+    "kv_cache_usage_ratio": ("Share of KV-cache blocks in use (0-1).", lambda s: s.kv_cache_usage),
+    "kv_cache_free_blocks": ("Free KV-cache blocks.", lambda s: s.num_free_blocks),
+    "num_preemptions": ("Preemptions since the engine started.", lambda s: s.num_preemptions),
+    "prefix_cache_query_tokens": ("Tokens looked up in the prefix cache since the engine started.",
+                                  lambda s: s.prefix_cache_query_tokens),
+    "prefix_cache_hit_tokens": ("Tokens found in the prefix cache (not computed again) since the engine "
+                                "started.", lambda s: s.prefix_cache_hit_tokens),
+}
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -49,33 +70,15 @@ class ServiceMetrics:
                                      registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Generated tokens (all choices).",
                                          registry=r)
-        self.num_requests_running = Gauge(f"{PREFIX}num_requests_running",
-                                          "Engine sequences in the running batch.", registry=r)
-        self.num_requests_waiting = Gauge(f"{PREFIX}num_requests_waiting",
-                                          "Engine sequences waiting to be scheduled.", registry=r)
-        self.kv_cache_usage = Gauge(f"{PREFIX}kv_cache_usage_ratio", "Share of KV-cache blocks in use (0-1).",
-                                    registry=r)
-        self.kv_cache_free_blocks = Gauge(f"{PREFIX}kv_cache_free_blocks", "Free KV-cache blocks.", registry=r)
-        self.num_preemptions = Gauge(f"{PREFIX}num_preemptions", "Preemptions since the engine started.",
-                                     registry=r)
-        self.prefix_cache_query_tokens = Gauge(
-            f"{PREFIX}prefix_cache_query_tokens", "Tokens looked up in the prefix cache since the engine started.",
-            registry=r)
-        self.prefix_cache_hit_tokens = Gauge(
-            f"{PREFIX}prefix_cache_hit_tokens", "Tokens found in the prefix cache (not computed again) since the "
-            "engine started.", registry=r)
+        self.engine_gauges = {name: Gauge(f"{PREFIX}{name}", help_text, registry=r)
+                              for name, (help_text, _) in ENGINE_GAUGES.items()}
 
     def meter(self, route: str) -> RequestMeter:
         return RequestMeter(self, route)
 
     def set_engine_stats(self, stats: EngineStats) -> None:
-        self.num_requests_running.set(stats.num_running)
-        self.num_requests_waiting.set(stats.num_waiting)
-        self.kv_cache_usage.set(stats.kv_cache_usage)
-        self.kv_cache_free_blocks.set(stats.num_free_blocks)
-        self.num_preemptions.set(stats.num_preemptions)
-        self.prefix_cache_query_tokens.set(stats.prefix_cache_query_tokens)
-        self.prefix_cache_hit_tokens.set(stats.prefix_cache_hit_tokens)
+        for name, (_, value) in ENGINE_GAUGES.items():
+            self.engine_gauges[name].set(value(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -124,3 +127,41 @@ class RequestMeter:
         self.metrics.requests.labels(self.route, str(status)).inc()
         if status < 400:
             self.metrics.e2e_request_latency.labels(self.route).observe(now - self.start)
+
+
+class ReplicaGaugeExport:
+    """Inside a replica group's Serve replica: the engine's gauges through Ray's metrics, once a second.
+
+    `ray.serve.metrics` labels them with the application, deployment and replica, and Ray's metrics agent on
+    each node serves them (`ray_llama_serve_*`) to whatever scrapes Ray. Set from a timer thread rather than
+    per engine step: a step's report would cost the replica's event loop a Python call per gauge, ~200 times a
+    second, for values a scraper reads every few seconds.
+    """
+
+    def __init__(self, read: Callable[[], tuple[EngineStats | None, bool]], interval_s: float = 1.0) -> None:
+        from ray.serve.metrics import Gauge as RayGauge
+
+        self._read = read
+        self._interval_s = interval_s
+        self._gauges = {name: RayGauge(f"{PREFIX}{name}", description=help_text)
+                        for name, (help_text, _) in ENGINE_GAUGES.items()}
+        self._alive = RayGauge(f"{PREFIX}engine_alive", description="1 while the replica group's engine runs.")
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="engine-gauges", daemon=True).start()
+
+    def export(self) -> None:
+        stats, alive = self._read()
+        self._alive.set(1.0 if alive else 0.0)
+        if stats is not None:
+            for name, (_, value) in ENGINE_GAUGES.items():
+                self._gauges[name].set(value(stats))
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                self.export()
+            except Exception:  # a metrics hiccup must not end the export for the replica's lifetime
+                logger.exception("exporting the engine's gauges failed")

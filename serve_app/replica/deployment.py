@@ -3,7 +3,7 @@
 A thin wrapper. The replica keeps ranks 1..N-1 (actors in its placement-group bundles) and, by default,
 runs rank 0's engine in a child process (`engine_host.EngineProcess`); `EngineLoop` turns the engine's
 reports into one stream per `generate` call. Serve's health check and the engine-load autoscaling policy
-read the engine's state from here.
+read the engine's state from here, and the group exports its engine gauges through Ray's metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from serve_app.autoscaling import engine_load_metrics
 from serve_app.config import AppConfig
 from serve_app.engine.engine import EngineStats, build_engine
 from serve_app.engine.sequence import EngineRequest, RequestOutput
+from serve_app.metrics import ReplicaGaugeExport
 from serve_app.replica.engine_host import EngineProcess, EngineThread
 from serve_app.replica.engine_loop import AdmissionLimits, EngineFailed, EngineLoop, StreamPacing
 
@@ -41,6 +42,7 @@ class LlamaReplica:
             host = EngineThread(lambda: build_engine(model, engine, use_ray=True), engine.heartbeat_interval_s)
         limits = AdmissionLimits(api.max_waiting_requests, api.max_waiting_tokens, api.retry_after_s)
         self.loop = EngineLoop(host, limits, StreamPacing.from_config(engine))
+        self.gauges = ReplicaGaugeExport(lambda: (self.loop.stats, self.loop.alive))
 
     async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestOutput]]:
         async for batch in self.loop.generate(requests):
@@ -61,6 +63,8 @@ class LlamaReplica:
             raise EngineFailed("a tensor-parallel rank has died")
 
     def __del__(self) -> None:
+        if hasattr(self, "gauges"):
+            self.gauges.stop()
         loop = getattr(self, "loop", None)
         if loop is not None and loop.alive:
             loop.stop()

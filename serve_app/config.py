@@ -39,7 +39,8 @@ class EngineConfig(StrictModel):
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="KV-cache budget per rank in bytes; required on CPU.")
     gpu_memory_utilization: float = Field(
-        0.90, gt=0, le=1, description="On GPU: the share of device memory weights + KV cache may fill.")
+        0.90, gt=0, le=1, description="On GPU: the share of device memory that weights, the largest step's "
+        "activations (measured at start) and the KV cache may fill together.")
     cpus_per_rank: float = Field(
         1.0, gt=0, description="On CPU: Ray CPUs reserved per rank (each rank's placement-group bundle).")
     cpu_threads_per_rank: int | None = Field(

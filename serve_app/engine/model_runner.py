@@ -6,19 +6,25 @@ same forward on that input; the all-reduces inside the sharded layers keep them 
 crosses between ranks: no activations, no logits. Followers (ranks > 0) loop in `follow()` until rank 0
 broadcasts a shutdown. An idle rank 0 broadcasts heartbeats so a dead rank surfaces as a collective timeout
 instead of a silent hang.
+
+Before the first request, every rank runs the largest steps the scheduler can make (`largest_steps`): a
+step that would run out of device memory fails the group at start, with the settings to lower, instead of
+killing it under load. On a GPU without an explicit `kv_cache_bytes`, those steps first run on a small probe
+cache, and their peak activation memory is what the KV budget leaves room for.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from serve_app.config import EngineConfig, ModelConfig
-from serve_app.engine.kv_cache import KVCache, KVCacheShape, num_blocks_for_budget
+from serve_app.engine.kv_cache import KVCache, KVCacheShape, blocks_needed, num_blocks_for_budget
 from serve_app.models import llama
 from serve_app.parallel.worker import DTYPES
 
@@ -32,6 +38,12 @@ class StepKind(enum.IntEnum):
 
 
 HEADER_SIZE = 5  # kind, tokens, sequences, sampled rows, block-table width
+
+_STEP_SETTINGS = "engine.max_num_batched_tokens, engine.max_num_seqs or model.max_model_len"
+_PROBE_HINT = f"The model and these steps do not fit the device even without a KV cache: lower {_STEP_SETTINGS}."
+_REAL_CACHE_HINT = (f"Lower {_STEP_SETTINGS}, or leave more memory outside the KV cache "
+                    "(engine.gpu_memory_utilization, engine.kv_cache_bytes).")
+_SAMPLER_HEADROOM = 256 * 2**20
 
 
 @dataclass
@@ -74,7 +86,14 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         num_layers, kv_heads, head_dim = llama.layout(model)
         dtype = DTYPES[model_config.dtype]
-        budget = engine.kv_cache_bytes if engine.kv_cache_bytes is not None else self._gpu_kv_budget(engine)
+        warm_up = largest_steps(engine.max_num_batched_tokens, engine.max_num_seqs, model_config.max_model_len,
+                                engine.block_size)
+        if engine.kv_cache_bytes is not None:
+            budget = engine.kv_cache_bytes
+        else:
+            probe = KVCacheShape(num_layers, warm_up[0].block_tables.shape[1], engine.block_size, kv_heads,
+                                 head_dim)
+            budget = self._gpu_kv_budget(engine, warm_up, probe, dtype)
         num_blocks = num_blocks_for_budget(budget, num_layers=num_layers, block_size=engine.block_size,
                                            num_kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
         num_blocks = self._agree_on(num_blocks)
@@ -89,16 +108,53 @@ class ModelRunner:
             logger.info("KV cache: %d blocks of %d tokens = %d tokens (%d sequences of 2k tokens), %.1f MiB/rank",
                         num_blocks, engine.block_size, tokens, tokens // 2048,
                         num_blocks * self.kv_cache.shape.bytes_per_block(dtype) / 2**20)
+        # With the real cache in place (and on a GPU, everything else allocated): the steps that must fit.
+        for step in warm_up:
+            seconds = self._warm_up(step, self.kv_cache, _REAL_CACHE_HINT)
+            if rank == 0:
+                logger.info("warm-up: %s in %.0f ms", describe_step(step), seconds * 1e3)
 
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.shape.num_blocks
 
-    def _gpu_kv_budget(self, engine: EngineConfig) -> int:
-        torch.cuda.synchronize()
-        free, total = torch.cuda.mem_get_info()
-        # Keep room for activations of the largest step: a rough but safe margin of 1 GiB.
-        return int(free - (1 - engine.gpu_memory_utilization) * total) - 2**30
+    def _gpu_kv_budget(self, engine: EngineConfig, warm_up: list[StepInput], probe_shape: KVCacheShape,
+                       dtype: torch.dtype) -> int:
+        """What the KV cache may take: up to `gpu_memory_utilization` of the device, less what the largest
+        steps need at their peak, measured by running them on a probe cache of just their own blocks."""
+        probe = KVCache(probe_shape, dtype, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        allocated, reserved = torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+        for step in warm_up:
+            self._warm_up(step, probe, _PROBE_HINT)
+        # Whichever is larger: what the steps allocated at their peak, or how far the allocator's pool grew
+        # (its rounding and fragmentation; it may also have served part of the peak from blocks it held).
+        activations = max(torch.cuda.max_memory_allocated(self.device) - allocated,
+                          torch.cuda.max_memory_reserved(self.device) - reserved)
+        del probe  # the only reference: its memory goes back to the pool, and empty_cache returns it
+        torch.cuda.empty_cache()
+        # Read after the steps, so that what they allocated outside torch's allocator (NCCL's buffers) counts.
+        free, total = torch.cuda.mem_get_info(self.device)
+        if self.rank == 0:
+            logger.info("warm-up on a probe cache: the largest steps peak at %.0f MiB of activations",
+                        activations / 2**20)
+        # 10% over the measured peak (kernel choices vary a little between runs), and room for what rank 0
+        # allocates after this: the sampler's work over [max_num_seqs, vocab] and the penalty table.
+        return int(free - (1 - engine.gpu_memory_utilization) * total - 1.1 * activations - _SAMPLER_HEADROOM)
+
+    def _warm_up(self, step: StepInput, kv_cache: KVCache, hint: str) -> float:
+        """Run `step` on this rank (every rank runs it, in lock step); its duration in seconds."""
+        started = time.perf_counter()
+        try:
+            self._run(step, kv_cache)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except Exception as error:
+            raise RuntimeError(
+                f"a warm-up step, one of the largest this engine can schedule ({describe_step(step)}), failed "
+                f"on rank {self.rank}: {error}. {hint}") from error
+        return time.perf_counter() - started
 
     def _agree_on(self, num_blocks: int) -> int:
         """Every rank must allocate the same number of blocks: take the smallest."""
@@ -155,9 +211,71 @@ class ModelRunner:
 
     # -- every rank -------------------------------------------------------------------------------------------
 
-    def _run(self, step: StepInput) -> torch.Tensor:
+    def _run(self, step: StepInput, kv_cache: KVCache | None = None) -> torch.Tensor:
         batch = llama.AttentionBatch.build(step.query_starts.tolist(), step.context_lens.tolist(),
                                            step.block_tables.to(self.device), step.slots.to(self.device),
                                            self.block_size)
-        return llama.forward(self.model, self.kv_cache, step.input_ids.to(self.device),
-                             step.positions.to(self.device), batch, step.sample_rows.to(self.device))
+        return llama.forward(self.model, self.kv_cache if kv_cache is None else kv_cache,
+                             step.input_ids.to(self.device), step.positions.to(self.device), batch,
+                             step.sample_rows.to(self.device))
+
+
+def largest_steps(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                  block_size: int) -> list[StepInput]:
+    """The steps that need the most memory, one for each way a step can be large, every row at the longest
+    context (`max_model_len`):
+
+    - the most decode rows the batch allows: the batched decode attention gathers every decode row's blocks
+      up to the longest row's length, so its memory grows with rows x context;
+    - the longest prefill chunk that reads cached context (`min(budget, max_model_len - 1)` tokens after one
+      cached token): it attends over its whole context through the cache-read path;
+    - the full token budget, as decode rows beside prefill chunk(s): the MLP's activations grow with tokens.
+
+    Every row's block table is the same `ceil(max_model_len / block_size)` blocks, so a cache of that many is
+    enough. What the steps write there is never read: a sequence writes each slot before it reads it.
+    """
+    num_rows = max(1, min(max_num_seqs, max_num_batched_tokens))
+    longest_chunk = max(1, min(max_num_batched_tokens, max_model_len - 1))
+    num_tokens = min(max_num_batched_tokens, num_rows * max_model_len)
+    prefill_rows = 1
+    while (num_rows - prefill_rows) + prefill_rows * max_model_len < num_tokens:
+        prefill_rows += 1
+    prefill_tokens = num_tokens - (num_rows - prefill_rows)
+    chunks = [max_model_len] * (prefill_rows - 1) + [prefill_tokens - max_model_len * (prefill_rows - 1)]
+    shapes = [[1] * num_rows, [longest_chunk], [1] * (num_rows - prefill_rows) + chunks]
+    distinct = list(dict.fromkeys(tuple(shape) for shape in shapes))  # a small budget can make two alike
+    return [_step_of(list(query_lens), max_model_len, block_size) for query_lens in distinct]
+
+
+def _step_of(query_lens: list[int], context_len: int, block_size: int) -> StepInput:
+    """A step whose rows each end at `context_len`, with these many new tokens; all rows share blocks
+    0..ceil(context_len / block_size)-1, so a token's slot is its position."""
+    positions: list[int] = []
+    starts = [0]
+    for query_len in query_lens:
+        positions += range(context_len - query_len, context_len)
+        starts.append(starts[-1] + query_len)
+    width = blocks_needed(context_len, block_size)
+
+    def as_tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64)
+
+    return StepInput(
+        input_ids=torch.zeros(len(positions), dtype=torch.int64),
+        positions=as_tensor(positions),
+        slots=as_tensor(positions),
+        query_starts=as_tensor(starts),
+        context_lens=as_tensor([context_len] * len(query_lens)),
+        block_tables=torch.arange(width, dtype=torch.int64).repeat(len(query_lens), 1),
+        sample_rows=as_tensor([start - 1 for start in starts[1:]]),
+    )
+
+
+def describe_step(step: StepInput) -> str:
+    query_lens = (step.query_starts[1:] - step.query_starts[:-1]).tolist()
+    decode_rows = sum(1 for query_len in query_lens if query_len == 1)
+    chunks = [query_len for query_len in query_lens if query_len > 1]
+    prefill = f"{len(chunks)} prefill chunk{'s' if len(chunks) != 1 else ''}" + (
+        f" of up to {max(chunks)} tokens" if chunks else "")
+    return (f"{step.input_ids.numel()} tokens: {decode_rows} decode row{'s' if decode_rows != 1 else ''} and {prefill}, all at "
+            f"{int(step.context_lens.max())} tokens of context")

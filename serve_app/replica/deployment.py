@@ -18,7 +18,7 @@ from serve_app.config import AppConfig
 from serve_app.engine.engine import EngineStats, build_engine
 from serve_app.engine.sequence import EngineRequest, RequestOutput
 from serve_app.metrics import ReplicaGaugeExport
-from serve_app.replica.engine_host import EngineProcess, EngineThread
+from serve_app.replica.engine_host import ENGINE_TITLE, EngineProcess, EngineThread
 from serve_app.replica.engine_loop import AdmissionLimits, EngineFailed, EngineLoop, StreamPacing
 
 REPLICA_MAX_QUEUED_REQUESTS = 128
@@ -37,7 +37,9 @@ class LlamaReplica:
         logging.basicConfig(level=logging.INFO)
         model, engine, api = config.model, config.engine, config.api
         if engine.separate_process:
-            host = EngineProcess(model, engine, use_ray=True)
+            replica = serve.get_replica_context()
+            host = EngineProcess(model, engine, use_ray=True,
+                                 title=f"{ENGINE_TITLE} {replica.app_name}#{replica.replica_tag}")
         else:
             host = EngineThread(lambda: build_engine(model, engine, use_ray=True), engine.heartbeat_interval_s)
         limits = AdmissionLimits(api.max_waiting_requests, api.max_waiting_tokens, api.retry_after_s)

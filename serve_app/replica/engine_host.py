@@ -35,6 +35,8 @@ from serve_app.engine.sequence import EngineRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
 
+ENGINE_TITLE = "llama_serve::engine"
+
 
 @dataclass(frozen=True)
 class Add:
@@ -183,14 +185,16 @@ class EngineProcess:
     exits when the pipe closes, so a replica killed outright does not leave an engine holding its GPU.
     """
 
-    def __init__(self, model: ModelConfig, engine: EngineConfig, *, use_ray: bool):
+    def __init__(self, model: ModelConfig, engine: EngineConfig, *, use_ray: bool, title: str = ENGINE_TITLE):
+        """`title`: the child's process title (what `ps`, `top` and `nvidia-smi` show), rather than Python's
+        `-c from multiprocessing.spawn import spawn_main ...`."""
         from serve_app.parallel.group import start_followers
 
         self.address, self.followers = start_followers(model, engine, use_ray=use_ray)
         context = multiprocessing.get_context("spawn")  # a forked child would inherit Ray's and torch's threads
         self._pipe, child_end = context.Pipe()
         self._process = context.Process(target=_engine_process_main, name="llama-engine", daemon=True,
-                                        args=(child_end, model, engine, self.address))
+                                        args=(child_end, model, engine, self.address, title))
         self._child_end = child_end
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # (pickled command, is it Stop)
         self._writer = threading.Thread(target=self._write, name="engine-commands", daemon=True)
@@ -318,7 +322,14 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-def _engine_process_main(pipe: Connection, model: ModelConfig, engine_config: EngineConfig, address) -> None:
+def _engine_process_main(pipe: Connection, model: ModelConfig, engine_config: EngineConfig, address,
+                         title: str) -> None:
+    try:
+        import setproctitle
+    except ImportError:  # a machine with only the engine's own dependencies (a benchmark box): keep Python's
+        pass
+    else:
+        setproctitle.setproctitle(title)
     logging.basicConfig(level=logging.INFO)
     try:
         engine = build_engine(model, engine_config, address=address)

@@ -42,10 +42,12 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 
 def _engine_processes() -> list[int]:
-    """The engine processes of the `/crash` application's replica groups (children of its replicas)."""
+    """The engine processes of the `/crash` application's replica groups: children of its replicas, named
+    `llama_serve::engine crash#<replica>` (as `ps` shows them)."""
     processes = _processes()
     replicas = {pid for pid, (_, cmdline) in processes.items() if "ServeReplica:crash:LlamaReplica" in cmdline}
-    return [pid for pid, (parent, cmdline) in processes.items() if parent in replicas and "spawn_main" in cmdline]
+    return [pid for pid, (parent, cmdline) in processes.items()
+            if parent in replicas and cmdline.startswith("llama_serve::engine crash#")]
 
 
 @pytest.fixture(scope="module")

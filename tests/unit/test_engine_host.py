@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import EngineRequest
 from serve_app.errors import InvalidRequestError, to_service_error
-from serve_app.replica.engine_host import EngineProcess
+from serve_app.replica.engine_host import ENGINE_TITLE, EngineProcess
 from serve_app.replica.engine_loop import EngineFailed, EngineLoop
 
 PROMPTS = [[1, 15043, 29991], [1, 450, 4996, 17354, 1701, 29916], [1] + list(range(2000, 2040))]
@@ -88,6 +89,12 @@ def test_engine_process_streams_the_tokens_generate_gives(runner, process_loop, 
     # then none and every block free.
     assert running_seen[0] == 3
     assert runner.run(_eventually(lambda: _all_blocks_free(process_loop)))
+
+
+def test_the_engine_process_names_itself(process_loop):
+    """What `ps`, `top` and `nvidia-smi` show for it: the engine, not `python -c ...spawn_main`."""
+    cmdline = Path(f"/proc/{process_loop.host.pid}/cmdline").read_bytes()
+    assert cmdline.startswith(ENGINE_TITLE.encode())
 
 
 def test_a_request_the_engine_refuses_is_a_400_and_the_engine_keeps_serving(

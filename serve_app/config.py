@@ -45,6 +45,10 @@ class EngineConfig(StrictModel):
         1.0, gt=0, description="On CPU: Ray CPUs reserved per rank (each rank's placement-group bundle).")
     cpu_threads_per_rank: int | None = Field(
         None, ge=1, description="On CPU: torch threads per rank; default leaves torch's choice.")
+    cpu_small_step_tokens: int | None = Field(
+        None, ge=1, description="On CPU, with `cpu_threads_per_rank` > 1: steps of fewer tokens than this run on "
+        "one torch thread. A one-stream decode step is too small to share, and its second thread would take a "
+        "core from the serving processes; a batch of decodes or a prefill uses them all.")
     enable_prefix_caching: bool = Field(
         True, description="Share the KV blocks of identical prompt prefixes (system prompts, earlier turns) "
         "between requests instead of computing them again.")

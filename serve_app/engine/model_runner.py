@@ -84,6 +84,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.block_size = engine.block_size
         self.vocab_size = model.config.vocab_size
+        self._threads = torch.get_num_threads()  # what the rank was given (`cpu_threads_per_rank`)
+        self._small_step_tokens = engine.cpu_small_step_tokens if self.device.type == "cpu" else None
         num_layers, kv_heads, head_dim = llama.layout(model)
         dtype = DTYPES[model_config.dtype]
         warm_up = largest_steps(engine.max_num_batched_tokens, engine.max_num_seqs, model_config.max_model_len,
@@ -212,6 +214,10 @@ class ModelRunner:
     # -- every rank -------------------------------------------------------------------------------------------
 
     def _run(self, step: StepInput, kv_cache: KVCache | None = None) -> torch.Tensor:
+        if self._small_step_tokens is not None:
+            threads = 1 if step.input_ids.numel() < self._small_step_tokens else self._threads
+            if threads != torch.get_num_threads():  # switching costs ~0.1 ms: only when the size class changes
+                torch.set_num_threads(threads)
         batch = llama.AttentionBatch.build(step.query_starts.tolist(), step.context_lens.tolist(),
                                            step.block_tables.to(self.device), step.slots.to(self.device),
                                            self.block_size)

@@ -171,3 +171,26 @@ def test_on_a_gpu_the_kv_budget_leaves_room_for_the_measured_peak(tiny_checkpoin
     assert device["ran"] == [1024 // 16] * len(steps)  # every step, on a probe of one context's blocks
     free_after = 80 * gib - 14 * gib - 1 * gib  # the probe freed, NCCL's buffers counted
     assert budget == int(free_after - 0.1 * 80 * gib - 1.1 * 4 * gib - model_runner._SAMPLER_HEADROOM)
+
+
+def test_on_cpu_small_steps_run_on_one_thread_and_larger_ones_on_all(tiny_checkpoint, monkeypatch):
+    """`cpu_small_step_tokens`: a one-stream decode step on one torch thread, a prefill or a batch of decodes
+    on every thread the rank has (`cpu_threads_per_rank`)."""
+    model, engine = _configs(tiny_checkpoint, max_num_seqs=8, max_num_batched_tokens=256, cpu_small_step_tokens=8)
+    threads_seen = []
+    real_forward = llama.forward
+
+    def recording_forward(*args):
+        threads_seen.append(torch.get_num_threads())
+        return real_forward(*args)
+
+    given = torch.get_num_threads()
+    torch.set_num_threads(2)  # what join_group sets from cpu_threads_per_rank
+    try:
+        runner = ModelRunner(load_model(model, engine, 1), model, engine, rank=0, world_size=1)
+        monkeypatch.setattr(llama, "forward", recording_forward)
+        for query_lens in ([1], [1] * 8, [1], [40]):  # a lone decode, a batch of 8, a lone decode, a prefill
+            runner._run(model_runner._step_of(query_lens, 64, engine.block_size))
+    finally:
+        torch.set_num_threads(given)
+    assert threads_seen == [1, 2, 1, 2]

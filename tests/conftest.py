@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # before Ray is imported, because Serve reads them at import.
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+
+
+def free_port() -> int:
+    """A port nothing on this machine listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# HAProxy also listens on fixed stats and metrics ports (8404, 9101): with the service from the README's first
+# command still running on this machine, the tests' HAProxy could not bind them and every integration test
+# failed. Ports of their own let the tests run beside it.
+os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(free_port()))
+os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(free_port()))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ queue) for the tests of the API's edges.
 from __future__ import annotations
 
 import copy
-import socket
 import time
 from pathlib import Path
 
@@ -18,15 +17,11 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-def _free_port() -> int:
-    # A fixed port would let a second test run on the same machine answer this run's requests.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-PORT = _free_port()
+# A fixed port would let a second test run on the same machine answer this run's requests.
+PORT = free_port()
 BASE = f"http://127.0.0.1:{PORT}"
 EDGE_PREFIX = "/edge"
 EDGE_KEY = "sk-edge-test-0123456789abcdef"

@@ -235,7 +235,8 @@ def run_baselines(args, prompt_len: int, output_len: int) -> dict[str, float]:
         ModelConfig(source=args.baseline_source, served_model_id="bench", dtype=args.dtype,
                     max_model_len=max(2048, prompt_len + output_len + 1)),
         EngineConfig(device=args.device, max_num_seqs=args.static_batch, max_num_batched_tokens=4096,
-                     kv_cache_bytes=256 * 2**20 if args.device == "cpu" else None))
+                     kv_cache_bytes=256 * 2**20 if args.device == "cpu" else None,
+                     cpu_small_step_tokens=args.engine_small_step_tokens))
     ttfts, tpots = [], []
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for index, prompt in enumerate(prompts(args.single_stream_requests + 1, prompt_len, seed=11)):
@@ -249,7 +250,8 @@ def run_baselines(args, prompt_len: int, output_len: int) -> dict[str, float]:
             ttfts.append(first - started)
             tpots.append((time.perf_counter() - first) / (output_len - 1))
     engine.shutdown()
-    figures["engine_threads"] = torch.get_num_threads()
+    figures["engine_threads"] = args.engine_threads or torch.get_num_threads()
+    figures["engine_small_step_tokens"] = args.engine_small_step_tokens
     figures["engine_c1_ttft_ms"] = round(statistics.median(ttfts) * 1000, 3)
     figures["engine_c1_tpot_ms"] = round(statistics.median(tpots) * 1000, 3)
     for name, value in figures.items():
@@ -368,6 +370,9 @@ def main() -> None:
     parser.add_argument("--engine-threads", type=int,
                         help="torch threads for the in-process engine (CPU): match the served replica's, e.g. 1 "
                              "for a rank Ray gives one CPU; default: as --baseline-threads")
+    parser.add_argument("--engine-small-step-tokens", type=int,
+                        help="the in-process engine's engine.cpu_small_step_tokens: match the served config's "
+                             "(configs/tiny-tp1.yaml: 8, with --engine-threads 2)")
     parser.add_argument("--one-at-a-time", type=int, default=3, help="generate calls of one request")
     parser.add_argument("--repeats", type=int, default=3, help="median of this many baseline runs")
     parser.add_argument("--out-dir", default="bench-out")

@@ -41,8 +41,8 @@ ENGINE_GAUGES: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
     "num_preemptions": ("Preemptions since the engine started.", lambda s: s.num_preemptions),
     "prefix_cache_query_tokens": ("Tokens looked up in the prefix cache since the engine started.",
                                   lambda s: s.prefix_cache_query_tokens),
-    "prefix_cache_hit_tokens": ("Tokens found in the prefix cache (not computed again) since the engine "
-                                "started.", lambda s: s.prefix_cache_hit_tokens),
+    "prefix_cache_hit_tokens": (("Tokens found in the prefix cache (not computed again) since the engine "
+                                 "started."), lambda s: s.prefix_cache_hit_tokens),
 }
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

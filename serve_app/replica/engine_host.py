@@ -287,7 +287,7 @@ class EngineProcess:
         self.send(Stop())
         # Unless the streams' event loop is running elsewhere, nothing reads the pipe while this waits: drain
         # it here, or a child blocked sending a report would never read its Stop.
-        reading_here = self._loop is None or self._loop.is_closed() or _running_loop() is self._loop
+        reading_here = self._loop is None or self._loop.is_closed() or running_loop() is self._loop
         deadline = time.monotonic() + timeout_s
         while self._process.is_alive() and time.monotonic() < deadline:
             if not reading_here or self._pipe.closed:
@@ -315,7 +315,8 @@ class EngineProcess:
             self.followers.join()
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running on this thread, or None on a thread without one (an engine thread)."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError:

@@ -21,7 +21,7 @@ from serve_app.config import EngineConfig
 from serve_app.engine.engine import EngineStats
 from serve_app.engine.sequence import EngineRequest, RequestOutput
 from serve_app.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
-from serve_app.replica.engine_host import Abort, Add, EngineProcess, EngineThread, StepReport
+from serve_app.replica.engine_host import Abort, Add, EngineProcess, EngineThread, StepReport, running_loop
 
 EngineHost = EngineProcess | EngineThread
 
@@ -193,10 +193,7 @@ class EngineLoop:
         if self._failure is not None:
             for request_id in list(self._streams):
                 deliver(request_id, self._failure)
-        try:
-            here = asyncio.get_running_loop()
-        except RuntimeError:  # a host thread
-            here = None
+        here = running_loop()
         for loop, outputs, items in deliveries.values():
             if loop is here:
                 _put_all(outputs, items)

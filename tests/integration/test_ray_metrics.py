@@ -49,9 +49,11 @@ def _wait_for(predicate, timeout: float = 60.0):
 
 
 def test_each_replica_group_exports_its_engine_gauges_through_ray(server):
-    alive = _wait_for(lambda: all(_group_values("ray_llama_serve_engine_alive", app)
-                                  for app in ("tp2", "tp1", "edge")) and
-                      {app: _group_values("ray_llama_serve_engine_alive", app) for app in ("tp2", "tp1", "edge")})
+    def every_application_exported() -> dict[str, dict[str, float]] | None:
+        found = {app: _group_values("ray_llama_serve_engine_alive", app) for app in ("tp2", "tp1", "edge")}
+        return found if all(found.values()) else None
+
+    alive = _wait_for(every_application_exported)
     for app, groups in alive.items():
         assert len(groups) == 1 and list(groups.values()) == [1.0], (app, groups)
 

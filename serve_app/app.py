@@ -12,7 +12,7 @@ from ray.serve import Application
 
 from serve_app.autoscaling import with_engine_capacity
 from serve_app.config import AppConfig
-from serve_app.ingress import Ingress
+from serve_app.ingress.deployment import Ingress
 from serve_app.replica.deployment import LlamaReplica
 from serve_app.stage.deployment import Stage
 

@@ -13,7 +13,7 @@ from serve_app.engine.engine import EngineStats
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import EngineRequest
 from serve_app.errors import AuthenticationError, OverloadedError, error_response, mask_key, to_service_error
-from serve_app.ingress import _digest, configure_api, key_is_valid, parse_body, resolve_api_keys
+from serve_app.ingress.edge import _digest, configure_api, key_is_valid, parse_body, resolve_api_keys
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import Usage
 from serve_app.replica.engine_host import EngineThread
@@ -190,7 +190,7 @@ def test_request_meter_times_tokens_and_counts_usage():
 def test_a_tool_call_delta_becomes_an_openai_chunk():
     import json
 
-    from serve_app.ingress import chat_chunk_lines
+    from serve_app.ingress.responses import chat_chunk_lines
     from serve_app.protocol import ChatCompletionChunk, FunctionCall, ToolCall
 
     call = ToolCall(id="call_1", function=FunctionCall(name="get_weather", arguments='{"city": "Oslo"}'))

@@ -115,11 +115,19 @@ class LocalFollowers:
     def healthy(self) -> bool:
         return all(process.is_alive() for process in self.processes)
 
+    def failure(self) -> str | None:
+        """Which rank has ended, and how; None while all run (they only end on shutdown or failure)."""
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                return f"rank {rank} exited with code {process.exitcode}"
+        return None
+
     def join(self, timeout: float = 30.0) -> None:
         for process in self.processes:
             process.join(timeout)
             if process.is_alive():
                 process.kill()
+                process.join(5)
 
 
 class RayFollowers:
@@ -147,6 +155,21 @@ class RayFollowers:
 
         finished, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
         return not finished  # a follower's run() only returns on shutdown or failure
+
+    def failure(self) -> str | None:
+        """Which rank has ended, and the last line of its error; None while all run."""
+        import ray
+
+        finished, _ = ray.wait(self.runs, num_returns=1, timeout=0)
+        if not finished:
+            return None
+        rank = self.runs.index(finished[0]) + 1
+        try:
+            ray.get(finished[0])
+        except Exception as exc:  # noqa: BLE001 - described, not handled: the caller fails the group
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            return f"rank {rank} failed: {lines[-1].strip() if lines else type(exc).__name__}"
+        return f"rank {rank} stopped"
 
     def join(self, timeout: float = 30.0) -> None:
         import ray

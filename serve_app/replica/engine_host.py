@@ -36,6 +36,8 @@ from serve_app.engine.sequence import EngineRequest, RequestOutput
 logger = logging.getLogger(__name__)
 
 ENGINE_TITLE = "llama_serve::engine"
+# How often a starting engine process's replica checks that the follower ranks are still there.
+FOLLOWER_CHECK_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -214,19 +216,33 @@ class EngineProcess:
             self._release_followers()
             raise
         self._child_end.close()  # so that the child's exit reads as end-of-file here
-        try:
-            ready: StepReport = self._pipe.recv()
-        except EOFError:
-            self._process.join(timeout=5)
-            ready = StepReport(None, failure=f"the engine process exited with code {self._process.exitcode}")
+        ready = self._wait_until_built()
         if ready.failure is not None:
             self._process.join(timeout=5)
             self._pipe.close()
-            self._release_followers()
+            # Killed at once: a group that failed to start leaves its live ranks waiting in a collective.
+            self._release_followers(timeout_s=0.0)
             raise RuntimeError(f"building the engine failed:\n{ready.failure}")
         on_report(ready)
         self._on_report = on_report
         self._writer.start()
+
+    def _wait_until_built(self) -> StepReport:
+        """The child's first report, or why there will be none. A follower rank that dies meanwhile (out of
+        memory while loading or warming up, killed) ends the wait at once: rank 0 would otherwise sit in a
+        collective until `collective_timeout_s` and then report only a timeout."""
+        while not self._pipe.poll(FOLLOWER_CHECK_INTERVAL_S):
+            failure = self.followers.failure() if self.followers is not None else None
+            if failure is not None:
+                self._process.kill()
+                self._process.join(timeout=5)
+                return StepReport(None, failure=f"a tensor-parallel follower failed while the group started: "
+                                                f"{failure}")
+        try:
+            return self._pipe.recv()
+        except EOFError:
+            self._process.join(timeout=5)
+            return StepReport(None, failure=f"the engine process exited with code {self._process.exitcode}")
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read reports on `loop`, the event loop that serves the streams, when data arrives: no thread of
@@ -310,9 +326,9 @@ class EngineProcess:
                 self._on_report(StepReport(None, failure=self._ending()))
         self._release_followers()
 
-    def _release_followers(self) -> None:
+    def _release_followers(self, timeout_s: float = 30.0) -> None:
         if self.followers is not None:
-            self.followers.join()
+            self.followers.join(timeout_s)
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:

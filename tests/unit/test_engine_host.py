@@ -205,3 +205,17 @@ def test_an_engine_that_cannot_be_built_fails_the_replica_at_start(tmp_path):
     model, engine = _configs(tmp_path / "no-checkpoint-here")
     with pytest.raises(RuntimeError, match="building the engine failed"):
         EngineLoop(EngineProcess(model, engine, use_ray=False))
+
+
+def test_a_follower_that_dies_while_the_group_starts_fails_the_start_at_once(tiny_checkpoint):
+    # A rank that runs out of memory loading its shard, or is killed, leaves rank 0 waiting for it in a
+    # collective; the replica must say which rank failed now, not time out after collective_timeout_s (60 s).
+    host = EngineProcess(*_configs(tiny_checkpoint, tp=2), use_ray=False)
+    follower = host.followers.processes[0]
+    follower.kill()
+    follower.join(10)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 exited with code -9"):
+        EngineLoop(host)
+    assert time.monotonic() - started < 20
+    assert not _running(host.pid)

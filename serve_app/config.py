@@ -64,7 +64,7 @@ class EngineConfig(StrictModel):
         None, gt=0, description="Bound on the messages per second a replica group sends over all its "
         "streams: with S streams open, each sends at most every S / this seconds (never less often than "
         "`stream_max_interval_s`). The serving path's CPU cost is per message, so this keeps it flat as "
-        "concurrency grows; one stream still gets every step. None: no bound.")
+        "concurrency grows; a lone stream gets a message at most every 1 / this seconds. None: no bound.")
     stream_max_interval_s: float = Field(
         0.25, gt=0, le=5, description="The longest a stream holds tokens back under `stream_messages_per_s`.")
     collective_timeout_s: float = Field(

@@ -48,7 +48,7 @@ class StreamPacing:
     Every message costs CPU in each deployment it crosses (serialization, an event-loop wake-up, an SSE
     write), and on the same cores as the engine. With `messages_per_s`, the interval grows with the number
     of open streams, so the replica group's message rate stays bounded however many streams are open,
-    while a lone stream still gets every step's tokens.
+    while a lone stream sends as often as `1 / messages_per_s` (every step, with the GPU configs' budget).
     """
 
     min_interval_s: float = 0.0

@@ -90,6 +90,22 @@ def shared_prefix_figures(args, model_config: ModelConfig, engine_config: Engine
         engine.shutdown()
 
 
+def long_context_figures(args, model_config: ModelConfig, engine_config: EngineConfig, results: dict) -> None:
+    """The largest concurrency's requests with one of them `--long-context-len` tokens long: output tokens/s
+    with the decode attention in calls by context length (the default `decode_gather_tokens`) and in one call
+    for every row, each padded to the long one's length (a bound no batch reaches)."""
+    top = max(args.concurrency)
+    batch = prompts(top - 1, args.prompt_len, seed=321) + prompts(1, args.long_context_len, seed=322)
+    for label, bound in (("one_call", 2**40), ("by_length", engine_config.decode_gather_tokens)):
+        engine = build_engine(model_config, engine_config.model_copy(update={"decode_gather_tokens": bound}))
+        run_engine(engine, batch, 4)  # warm-up
+        name = f"engine_c{top}_one_{args.long_context_len}_token_prompt_decode_{label}"
+        results[name] = median_of(args.repeats, lambda engine=engine: run_engine(engine, batch, args.output_len))
+        print(f"engine, {top} requests, one with a {args.long_context_len}-token prompt, decode attention "
+              f"{'by length' if label == 'by_length' else 'in one call'}: {results[name]:9.1f} tok/s", flush=True)
+        engine.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=TINY_MODEL_SOURCE, help="checkpoint folder or hub id")
@@ -105,6 +121,9 @@ def main() -> None:
     parser.add_argument("--shared-prefix-len", type=int, default=0,
                         help="also measure chat-like requests sharing a system prompt of this many tokens, "
                              "prefix cache on vs off")
+    parser.add_argument("--long-context-len", type=int, default=0,
+                        help="also measure the largest concurrency with one request this many tokens long among "
+                             "the others: decode attention by context length vs one padded call")
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args()
 
@@ -138,6 +157,10 @@ def main() -> None:
     if args.shared_prefix_len:
         engine.shutdown()
         shared_prefix_figures(args, model_config, engine_config, results)
+        engine = build_engine(model_config, engine_config)
+    if args.long_context_len:
+        engine.shutdown()
+        long_context_figures(args, model_config, engine_config, results)
         engine = build_engine(model_config, engine_config)
 
     singles = prompts(args.one_at_a_time_requests, args.prompt_len, seed=7)

@@ -36,6 +36,11 @@ class EngineConfig(StrictModel):
     max_num_seqs: int = Field(64, ge=1, description="Sequences in the running batch.")
     max_num_batched_tokens: int = Field(2048, ge=16, description="Prefill + decode tokens per engine step.")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    decode_gather_tokens: int = Field(
+        65536, ge=1, description="The most cache tokens one batched decode-attention call gathers (rows x the "
+        "longest row's length): decode rows go in calls by context length under this bound, so short rows are "
+        "not padded to a long one's length, and the call's transient memory (for Llama-2-7B at fp16, 16 KiB "
+        "per token per layer over all ranks) stays bounded. A row longer than this gets a call of its own.")
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="KV-cache budget per rank in bytes; required on CPU.")
     gpu_memory_utilization: float = Field(

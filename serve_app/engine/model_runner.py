@@ -83,6 +83,7 @@ class ModelRunner:
         self.world_size = world_size
         self.device = next(model.parameters()).device
         self.block_size = engine.block_size
+        self._decode_gather_tokens = engine.decode_gather_tokens
         self.vocab_size = model.config.vocab_size
         self._threads = torch.get_num_threads()  # what the rank was given (`cpu_threads_per_rank`)
         self._small_step_tokens = engine.cpu_small_step_tokens if self.device.type == "cpu" else None
@@ -220,7 +221,7 @@ class ModelRunner:
                 torch.set_num_threads(threads)
         batch = llama.AttentionBatch.build(step.query_starts.tolist(), step.context_lens.tolist(),
                                            step.block_tables.to(self.device), step.slots.to(self.device),
-                                           self.block_size)
+                                           self.block_size, self._decode_gather_tokens)
         return llama.forward(self.model, self.kv_cache if kv_cache is None else kv_cache,
                              step.input_ids.to(self.device), step.positions.to(self.device), batch,
                              step.sample_rows.to(self.device))
@@ -232,7 +233,8 @@ def largest_steps(max_num_batched_tokens: int, max_num_seqs: int, max_model_len:
     context (`max_model_len`):
 
     - the most decode rows the batch allows: the batched decode attention gathers every decode row's blocks
-      up to the longest row's length, so its memory grows with rows x context;
+      up to the longest row of its call, so its memory grows with rows x context (up to
+      `decode_gather_tokens` a call);
     - the longest prefill chunk that reads cached context (`min(budget, max_model_len - 1)` tokens after one
       cached token): it attends over its whole context through the cache-read path;
     - the full token budget, as decode rows beside prefill chunk(s): the MLP's activations grow with tokens.

@@ -27,12 +27,13 @@ def reference(greedy_reference):
 
 
 def _engine(checkpoint, tp: int = 1, *, kv_cache_bytes: int = 64 * 2**20, max_model_len: int = 1024,
-            max_num_seqs: int = 32, max_num_batched_tokens: int = 256) -> Engine:
+            max_num_seqs: int = 32, max_num_batched_tokens: int = 256, decode_gather_tokens: int = 65536
+            ) -> Engine:
     model = ModelConfig(source=str(checkpoint), served_model_id="tiny", dtype="float32",
                         tensor_parallel_size=tp, max_model_len=max_model_len)
     engine = EngineConfig(device="cpu", kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, collective_timeout_s=60,
-                          heartbeat_interval_s=5)
+                          heartbeat_interval_s=5, decode_gather_tokens=decode_gather_tokens)
     return build_engine(model, engine)
 
 
@@ -73,6 +74,19 @@ def test_concurrent_staggered_mixed_lengths_match_generate(engine_tp1, reference
     results = _run(engine_tp1, prompts, stagger=3)
     for index, prompt in enumerate(prompts):
         assert results[f"r{index}"] == reference(prompt), f"prompt {index} (len {len(prompt)})"
+
+
+def test_decode_rows_attended_in_calls_by_length_match_generate(tiny_checkpoint, reference):
+    # A 64-token gather bound splits each step's decode attention into many calls, short rows together and
+    # each long one alone; every request must still continue exactly as `generate` does.
+    engine = _engine(tiny_checkpoint, decode_gather_tokens=64)
+    try:
+        prompts = _random_prompts(10, seed=5, low=3, high=300)
+        results = _run(engine, prompts, stagger=2)
+        for index, prompt in enumerate(prompts):
+            assert results[f"r{index}"] == reference(prompt), f"prompt {index} (len {len(prompt)})"
+    finally:
+        engine.shutdown()
 
 
 def test_long_prompt_is_prefilled_in_chunks_alongside_decodes(engine_tp1, reference):

@@ -17,6 +17,7 @@ from serve_app.engine.engine import build_engine
 from serve_app.engine.model_runner import ModelRunner, StepInput, largest_steps
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.models import llama
+from serve_app.models.llama import group_decode_rows
 from serve_app.parallel.worker import load_model
 
 
@@ -194,3 +195,16 @@ def test_on_cpu_small_steps_run_on_one_thread_and_larger_ones_on_all(tiny_checkp
     finally:
         torch.set_num_threads(given)
     assert threads_seen == [1, 2, 1, 2]
+
+
+def test_decode_rows_go_in_calls_by_length_within_the_gather_bound():
+    context_lens = [300, 20, 1000, 40, 33, 17, 5000]
+    rows = list(range(len(context_lens)))
+    groups = group_decode_rows(rows, context_lens, block_size=16, max_tokens=256)
+    # Shortest first; short rows share a call, each row too long to share one is alone (5,000 > 256 too).
+    assert groups == [[5, 1, 4, 3], [0], [2], [6]]
+    for group in groups:
+        padded = len(group) * -(-context_lens[group[-1]] // 16) * 16
+        assert padded <= 256 or len(group) == 1
+    assert group_decode_rows(rows, context_lens, block_size=16, max_tokens=10**9) == [[5, 1, 4, 3, 0, 2, 6]]
+    assert group_decode_rows([], context_lens, block_size=16, max_tokens=256) == []

@@ -70,10 +70,22 @@ def median_of(repeats: int, measure) -> float:
     return statistics.median(measure() for _ in range(repeats))
 
 
+def variant_tok_s(model_config: ModelConfig, engine_config: EngineConfig, change: dict, batch, output_len: int,
+                  repeats: int) -> float:
+    """Output tokens/s of an engine built with `change` applied to `engine_config`, on `batch()` (called once
+    per run), after one warm-up run."""
+    engine = build_engine(model_config, engine_config.model_copy(update=change))
+    try:
+        run_engine(engine, batch(), 4)
+        return median_of(repeats, lambda: run_engine(engine, batch(), output_len))
+    finally:
+        engine.shutdown()
+
+
 def shared_prefix_figures(args, model_config: ModelConfig, engine_config: EngineConfig, results: dict) -> None:
     """The largest concurrency's requests = one shared system prompt + 16 tokens of their own, 32 output
     tokens each: output tokens/s with the prefix cache off and on. Fresh suffixes every run, so only the
-    shared part can hit."""
+    shared part can hit (when on, the warm-up run leaves the system prompt in the cache)."""
     top, rng = max(args.concurrency), random.Random(123)
     system = prompts(1, args.shared_prefix_len, seed=123)[0]
 
@@ -81,13 +93,11 @@ def shared_prefix_figures(args, model_config: ModelConfig, engine_config: Engine
         return [system + [rng.randrange(3, 32000) for _ in range(16)] for _ in range(top)]
 
     for enabled in (False, True):
-        engine = build_engine(model_config, engine_config.model_copy(update={"enable_prefix_caching": enabled}))
-        run_engine(engine, batch(), 4)  # warm-up (and, when on, the cache holds the system prompt from here)
         name = f"engine_c{top}_shared_prefix_{args.shared_prefix_len}_cache_{'on' if enabled else 'off'}"
-        results[name] = median_of(args.repeats, lambda engine=engine: run_engine(engine, batch(), 32))
+        results[name] = variant_tok_s(model_config, engine_config, {"enable_prefix_caching": enabled}, batch, 32,
+                                      args.repeats)
         print(f"engine, {top} requests sharing a {args.shared_prefix_len}-token prefix, prefix cache "
               f"{'on' if enabled else 'off'}: {results[name]:9.1f} tok/s", flush=True)
-        engine.shutdown()
 
 
 def long_context_figures(args, model_config: ModelConfig, engine_config: EngineConfig, results: dict) -> None:
@@ -97,13 +107,11 @@ def long_context_figures(args, model_config: ModelConfig, engine_config: EngineC
     top = max(args.concurrency)
     batch = prompts(top - 1, args.prompt_len, seed=321) + prompts(1, args.long_context_len, seed=322)
     for label, bound in (("one_call", 2**40), ("by_length", engine_config.decode_gather_tokens)):
-        engine = build_engine(model_config, engine_config.model_copy(update={"decode_gather_tokens": bound}))
-        run_engine(engine, batch, 4)  # warm-up
         name = f"engine_c{top}_one_{args.long_context_len}_token_prompt_decode_{label}"
-        results[name] = median_of(args.repeats, lambda engine=engine: run_engine(engine, batch, args.output_len))
+        results[name] = variant_tok_s(model_config, engine_config, {"decode_gather_tokens": bound},
+                                      lambda: batch, args.output_len, args.repeats)
         print(f"engine, {top} requests, one with a {args.long_context_len}-token prompt, decode attention "
               f"{'by length' if label == 'by_length' else 'in one call'}: {results[name]:9.1f} tok/s", flush=True)
-        engine.shutdown()
 
 
 def main() -> None:

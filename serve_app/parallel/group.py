@@ -113,7 +113,7 @@ class LocalFollowers:
             process.start()
 
     def healthy(self) -> bool:
-        return all(process.is_alive() for process in self.processes)
+        return self.failure() is None
 
     def failure(self) -> str | None:
         """Which rank has ended, and how; None while all run (they only end on shutdown or failure)."""
@@ -151,13 +151,11 @@ class RayFollowers:
             self.runs.append(actor.run.remote(address, rank, model, engine))
 
     def healthy(self) -> bool:
-        import ray
-
-        finished, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
-        return not finished  # a follower's run() only returns on shutdown or failure
+        return self.failure() is None
 
     def failure(self) -> str | None:
-        """Which rank has ended, and the last line of its error; None while all run."""
+        """Which rank has ended, and the last line of its error; None while all run (a follower's run() only
+        returns on shutdown or failure)."""
         import ray
 
         finished, _ = ray.wait(self.runs, num_returns=1, timeout=0)

@@ -9,6 +9,7 @@ values. Three figures:
 
     python scripts/bench_gpu.py --hbm-tb-s 3.35            # H100 SXM
     python scripts/bench_gpu.py --shape tiny --device cpu  # a smoke run of the script itself
+    python scripts/bench_gpu.py --decode-gather-tokens 1099511627776  # decode attention in one call, as before
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ SHAPES = {
 }
 
 
-def build(shape: str, device: str, dtype: torch.dtype, max_num_seqs: int, kv_cache_bytes: int | None):
+def build(shape: str, device: str, dtype: torch.dtype, max_num_seqs: int, kv_cache_bytes: int | None,
+          decode_gather_tokens: int):
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                          tie_word_embeddings=False, **SHAPES[shape])
     with torch.device(device):
@@ -41,7 +43,7 @@ def build(shape: str, device: str, dtype: torch.dtype, max_num_seqs: int, kv_cac
     model_config = ModelConfig(source="random", served_model_id="bench", dtype=str(dtype).split(".")[1],
                                max_model_len=4096)
     engine_config = EngineConfig(device=device, max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
-                                 kv_cache_bytes=kv_cache_bytes)
+                                 kv_cache_bytes=kv_cache_bytes, decode_gather_tokens=decode_gather_tokens)
     runner = ModelRunner(model, model_config, engine_config, 0, 1)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     limits = SchedulerLimits(max_num_seqs, 8192, 4096)
@@ -68,11 +70,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--hbm-tb-s", type=float, default=3.35,
                         help="the GPU's memory bandwidth in TB/s (H100 SXM: 3.35)")
+    parser.add_argument("--decode-gather-tokens", type=int, default=EngineConfig().decode_gather_tokens,
+                        help="engine.decode_gather_tokens; 1099511627776 attends every decode row in one call, "
+                             "as before session 5, to compare KV capacity and speed")
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args()
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     engine, weight_bytes = build(args.shape, args.device, dtype, 64,
-                                 None if args.device == "cuda" else 256 * 2**20)
+                                 None if args.device == "cuda" else 256 * 2**20, args.decode_gather_tokens)
     throughput(engine, 2, 32, 8)  # warm-up
     batch1 = throughput(engine, 1, 128, 256)
     roofline = args.hbm_tb_s * 1e12 / weight_bytes
@@ -83,6 +88,7 @@ def main() -> None:
         "torch": torch.__version__, "weight_gb": weight_bytes / 1e9,
         "batch1_decode_tok_s": batch1, "roofline_tok_s": roofline, "roofline_share": batch1 / roofline,
         "c64_512in_256out_tok_s": concurrent, "kv_2k_sequences": capacity,
+        "decode_gather_tokens": args.decode_gather_tokens,
     }
     print(json.dumps(figures, indent=2))
     if args.out:

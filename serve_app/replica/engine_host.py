@@ -210,17 +210,17 @@ class EngineProcess:
 
     def start(self, on_report: Callable[[StepReport], None]) -> None:
         """Start the child and wait until its engine is built; raises `RuntimeError` if building failed."""
+        # Either way a group that failed to start leaves its live ranks waiting in a collective: kill them at once.
         try:
             self._process.start()
         except BaseException:
-            self._release_followers()
+            self._release_followers(timeout_s=0.0)
             raise
         self._child_end.close()  # so that the child's exit reads as end-of-file here
         ready = self._wait_until_built()
         if ready.failure is not None:
             self._process.join(timeout=5)
             self._pipe.close()
-            # Killed at once: a group that failed to start leaves its live ranks waiting in a collective.
             self._release_followers(timeout_s=0.0)
             raise RuntimeError(f"building the engine failed:\n{ready.failure}")
         on_report(ready)

@@ -22,8 +22,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from serve_app.config import TINY_MODEL_SOURCE, EngineConfig, ModelConfig
-from serve_app.engine.engine import Engine, build_engine
+from serve_app.engine.engine import Engine, start_engine
 from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import ChoiceId, EngineRequest
 from serve_app.models.checkpoint import resolve_checkpoint
 
 
@@ -43,8 +44,8 @@ def run_engine(engine: Engine, batch: list[list[int]], output_len: int, params: 
     """Output tokens/s for `batch` submitted at once and run to completion."""
     for index, prompt in enumerate(batch):
         seed = index if params.temperature > 0 else None
-        engine.add_request(f"bench-{time.monotonic_ns()}-{index}", prompt,
-                           replace(params, max_tokens=output_len, seed=seed))
+        engine.add_request(EngineRequest(ChoiceId(f"bench-{time.monotonic_ns()}", index), prompt,
+                                         replace(params, max_tokens=output_len, seed=seed)))
     produced = 0
     started = time.perf_counter()
     while engine.has_unfinished():
@@ -74,7 +75,7 @@ def variant_tok_s(model_config: ModelConfig, engine_config: EngineConfig, change
                   repeats: int) -> float:
     """Output tokens/s of an engine built with `change` applied to `engine_config`, on `batch()` (called once
     per run), after one warm-up run."""
-    engine = build_engine(model_config, engine_config.model_copy(update=change))
+    engine = start_engine(model_config, engine_config.model_copy(update=change))
     try:
         run_engine(engine, batch(), 4)
         return median_of(repeats, lambda: run_engine(engine, batch(), output_len))
@@ -143,7 +144,7 @@ def main() -> None:
     engine_config = EngineConfig(
         device=args.device, max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
         kv_cache_bytes=args.kv_cache_bytes if args.device == "cpu" else None, enable_prefix_caching=False)
-    engine = build_engine(model_config, engine_config)
+    engine = start_engine(model_config, engine_config)
     hf_model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.source),
                                                     dtype=getattr(torch, args.dtype)).to(args.device).eval()
 
@@ -165,11 +166,11 @@ def main() -> None:
     if args.shared_prefix_len:
         engine.shutdown()
         shared_prefix_figures(args, model_config, engine_config, results)
-        engine = build_engine(model_config, engine_config)
+        engine = start_engine(model_config, engine_config)
     if args.long_context_len:
         engine.shutdown()
         long_context_figures(args, model_config, engine_config, results)
-        engine = build_engine(model_config, engine_config)
+        engine = start_engine(model_config, engine_config)
 
     singles = prompts(args.one_at_a_time_requests, args.prompt_len, seed=7)
     one_at_a_time = [run_generate(hf_model, [prompt], args.output_len) for prompt in singles]

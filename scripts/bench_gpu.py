@@ -27,6 +27,7 @@ from serve_app.engine.engine import Engine
 from serve_app.engine.model_runner import ModelRunner
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.scheduler import SchedulerLimits
+from serve_app.engine.sequence import ChoiceId, EngineRequest
 
 SHAPES = {
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},
@@ -55,7 +56,7 @@ def throughput(engine: Engine, count: int, prompt_len: int, output_len: int) -> 
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for i in range(count):
         prompt = [1] + [rng.randrange(3, 32000) for _ in range(prompt_len - 1)]
-        engine.add_request(f"{time.monotonic_ns()}-{i}", prompt, params)
+        engine.add_request(EngineRequest(ChoiceId(f"{time.monotonic_ns()}", i), prompt, params))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     started, produced = time.perf_counter(), 0

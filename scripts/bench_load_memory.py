@@ -3,7 +3,7 @@
 Every tensor-parallel rank reads the whole checkpoint before AutoTP keeps its slice. Whether that costs a node
 one copy or one per rank depends on whether the loaded weights stay memory-mapped (file-backed pages are
 shared through the page cache) or are copied into each process. This builds a random Llama checkpoint of the
-given shape in fp16 (no download), loads it with the project's own `load_model` in the given dtype, reads
+given shape in fp16 (no download), loads it with the project's own `load_rank_model` in the given dtype, reads
 every weight, and prints the process's file-backed and anonymous resident memory.
 
     python scripts/bench_load_memory.py                  # fp16 checkpoint loaded as fp16
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from serve_app.config import EngineConfig, ModelConfig
-from serve_app.parallel.worker import load_model
+from serve_app.engine.worker import load_rank_model
 
 
 def resident_mib() -> dict[str, int]:
@@ -55,7 +55,7 @@ def main() -> None:
         model = ModelConfig(source=folder, served_model_id="memory", dtype=args.dtype)
         engine = EngineConfig(device="cpu", kv_cache_bytes=1)
         before = resident_mib()
-        loaded = load_model(model, engine, world_size=1)
+        loaded = load_rank_model(model, engine, world_size=1)
         with torch.no_grad():
             for parameter in loaded.parameters():  # read every weight, as sharding and `.to(device)` do
                 parameter.float().sum()

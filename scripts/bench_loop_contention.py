@@ -3,7 +3,7 @@ process (no Ray).
 
 The served replica's event loop (Serve's request handling, serialization, our stream code) runs Python for
 every message it sends. With the engine on a thread of the same process, both need the GIL. This streams one
-greedy request through `EngineLoop`, spins the event-loop thread for `--work-us` after each message, and
+greedy request through `EngineClient`, spins the event-loop thread for `--work-us` after each message, and
 reports the engine's time per output token for each amount of work and each engine host.
 
     python scripts/bench_loop_contention.py --work-us 0 300 600 --hosts thread process --streams 32
@@ -19,11 +19,11 @@ import statistics
 import time
 
 from serve_app.config import TINY_MODEL_SOURCE, EngineConfig, ModelConfig
-from serve_app.engine.engine import build_engine
 from serve_app.engine.sampling_params import SamplingParams
-from serve_app.engine.sequence import EngineRequest
-from serve_app.replica.engine_host import EngineProcess, EngineThread
-from serve_app.replica.engine_loop import EngineLoop
+from serve_app.engine.sequence import ChoiceId, EngineRequest
+from serve_app.replica.engine_client import EngineClient
+from serve_app.replica.process_host import EngineProcess
+from serve_app.replica.thread_host import EngineThread
 
 UNIQUE = itertools.count(2000)  # a token that makes each prompt differ from every earlier one
 
@@ -34,16 +34,16 @@ def hold_the_gil(microseconds: float) -> None:
         pass
 
 
-async def time_per_token(loop: EngineLoop, prompt: list[int], output_len: int, work_us: float,
+async def time_per_token(client: EngineClient, prompt: list[int], output_len: int, work_us: float,
                          repeats: int) -> tuple[float, float]:
     """Median time to first token and time per later token, in ms."""
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     ttfts, tpots = [], []
     for index in range(repeats + 1):
         # A prompt of its own each time, so the prefix cache cannot skip the prefill being timed.
-        request = EngineRequest(f"w{work_us}-{index}-0", [1, next(UNIQUE)] + prompt[2:], params)
+        request = EngineRequest(ChoiceId(f"w{work_us}-{index}", 0), [1, next(UNIQUE)] + prompt[2:], params)
         start, first, received = time.perf_counter(), None, 0
-        async for batch in loop.generate([request]):
+        async for batch in client.generate([request]):
             received += len(batch)
             if first is None:
                 first = time.perf_counter()
@@ -54,13 +54,13 @@ async def time_per_token(loop: EngineLoop, prompt: list[int], output_len: int, w
     return statistics.median(ttfts), statistics.median(tpots)
 
 
-async def throughput(loop: EngineLoop, prompt: list[int], output_len: int, streams: int, repeats: int) -> float:
+async def throughput(client: EngineClient, prompt: list[int], output_len: int, streams: int, repeats: int) -> float:
     """Median output tokens/s of `streams` concurrent greedy requests."""
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
 
     async def one() -> int:
-        request = EngineRequest(f"s{next(UNIQUE)}-0", [1, next(UNIQUE)] + prompt[2:], params)
-        return sum([len(batch) async for batch in loop.generate([request])])
+        request = EngineRequest(ChoiceId(f"s{next(UNIQUE)}", 0), [1, next(UNIQUE)] + prompt[2:], params)
+        return sum([len(batch) async for batch in client.generate([request])])
 
     rates = []
     for index in range(repeats + 1):
@@ -92,23 +92,23 @@ def main() -> None:
     engine = EngineConfig(device=args.device, kv_cache_bytes=64 * 2**20, cpu_threads_per_rank=args.threads,
                           heartbeat_interval_s=1.0, max_num_seqs=max(32, args.streams), max_num_batched_tokens=512)
     prompt = [1] + list(range(1000, 1000 + args.prompt_len - 1))
-    for host_kind in args.hosts:
-        if host_kind == "process":
-            host = EngineProcess(model, engine, use_ray=False)
-        else:
-            host = EngineThread(lambda: build_engine(model, engine), engine.heartbeat_interval_s)
-        loop = EngineLoop(host)
+    async def measure(host_kind: str) -> None:
+        host = EngineProcess(model, engine, use_ray=False) if host_kind == "process" else EngineThread(model, engine)
+        client = EngineClient(host)
         try:
             for work_us in args.work_us:
-                ttft, tpot = asyncio.run(time_per_token(loop, prompt, args.output_len, work_us, args.repeats))
+                ttft, tpot = await time_per_token(client, prompt, args.output_len, work_us, args.repeats)
                 print(f"engine on a {host_kind:7s} | {work_us:4.0f} us of event-loop Python per message: "
                       f"first token {ttft:.2f} ms, {tpot:.3f} ms per later token", flush=True)
             if args.streams:
-                rate = asyncio.run(throughput(loop, prompt, args.output_len, args.streams, args.repeats))
+                rate = await throughput(client, prompt, args.output_len, args.streams, args.repeats)
                 print(f"engine on a {host_kind:7s} | {args.streams} concurrent streams: {rate:.0f} output tok/s",
                       flush=True)
         finally:
-            loop.stop()
+            client.stop()
+
+    for host_kind in args.hosts:
+        asyncio.run(measure(host_kind))
 
 
 if __name__ == "__main__":

@@ -209,8 +209,9 @@ def run_baselines(args, prompt_len: int, output_len: int) -> dict[str, float]:
     from bench_engine import prompts, run_generate
 
     from serve_app.config import EngineConfig, ModelConfig
-    from serve_app.engine.engine import build_engine
+    from serve_app.engine.engine import start_engine
     from serve_app.engine.sampling_params import SamplingParams
+    from serve_app.engine.sequence import ChoiceId, EngineRequest
     from serve_app.models.checkpoint import resolve_checkpoint
 
     if args.baseline_threads:
@@ -231,7 +232,7 @@ def run_baselines(args, prompt_len: int, output_len: int) -> dict[str, float]:
 
     if args.engine_threads:
         torch.set_num_threads(args.engine_threads)
-    engine = build_engine(
+    engine = start_engine(
         ModelConfig(source=args.baseline_source, served_model_id="bench", dtype=args.dtype,
                     max_model_len=max(2048, prompt_len + output_len + 1)),
         EngineConfig(device=args.device, max_num_seqs=args.static_batch, max_num_batched_tokens=4096,
@@ -240,7 +241,7 @@ def run_baselines(args, prompt_len: int, output_len: int) -> dict[str, float]:
     ttfts, tpots = [], []
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for index, prompt in enumerate(prompts(args.single_stream_requests + 1, prompt_len, seed=11)):
-        engine.add_request(f"single-{index}", prompt, params)
+        engine.add_request(EngineRequest(ChoiceId(f"single-{index}", 0), prompt, params))
         started = time.perf_counter()
         engine.step()
         first = time.perf_counter()

@@ -1,6 +1,6 @@
 """The application builder that `serve run configs/<name>.yaml` imports.
 
-Ingress → Stage → LlamaReplica, each a Serve deployment with its own scaling. The replica reserves one
+Ingress → ChatStage → LlamaReplica, each a Serve deployment with its own scaling. The replica reserves one
 placement-group bundle per tensor-parallel rank, so a whole group is scheduled (and scaled) as a unit.
 """
 
@@ -14,7 +14,7 @@ from serve_app.autoscaling import with_engine_capacity
 from serve_app.config import AppConfig
 from serve_app.ingress.deployment import Ingress
 from serve_app.replica.deployment import LlamaReplica
-from serve_app.stage.deployment import Stage
+from serve_app.stage.deployment import ChatStage
 
 
 def replica_placement(config: AppConfig) -> dict[str, Any]:
@@ -36,5 +36,5 @@ def build_app(args: dict[str, Any]) -> Application:
     replica_options = with_engine_capacity(replica_placement(config) | config.deployments.replica,
                                            config.engine.max_num_seqs)
     replica = LlamaReplica.options(**replica_options).bind(config)
-    stage = Stage.options(**config.deployments.stage).bind(config, replica)
-    return Ingress.options(**config.deployments.ingress).bind(config, stage, replica)
+    stage = ChatStage.options(**config.deployments.stage).bind(config, replica)
+    return Ingress.options(**config.deployments.ingress).bind(config, stage)

@@ -1,7 +1,7 @@
 """Autoscaling of the replica group on the engine's own load, as a Ray Serve custom autoscaling policy.
 
 In: Serve's `AutoscalingContext` once per control-loop tick, carrying each running replica's custom metrics
-(`ENGINE_METRICS`, sent by `LlamaReplica.record_autoscaling_stats`) averaged over `look_back_period_s`.
+(`engine_load_metrics`, sent by `LlamaReplica.record_autoscaling_stats`) averaged over `look_back_period_s`.
 Out: the number of replica groups wanted; Serve then applies the config's delays, scaling factors and
 min/max bounds on top (it wraps every custom policy that way).
 
@@ -28,12 +28,12 @@ from typing import Any
 ENGINE_RUNNING = "engine_running"
 ENGINE_WAITING = "engine_waiting"
 KV_CACHE_USAGE = "kv_cache_usage"
-ENGINE_METRICS = (ENGINE_RUNNING, ENGINE_WAITING, KV_CACHE_USAGE)
 
 
 def engine_load_metrics(stats: Any) -> dict[str, float]:
     """What a replica reports to this policy: its `EngineStats` as Serve custom metrics (plain floats)."""
-    return {ENGINE_RUNNING: float(stats.num_running), ENGINE_WAITING: float(stats.num_waiting),
+    return {ENGINE_RUNNING: float(stats.num_sequences_running),
+            ENGINE_WAITING: float(stats.num_sequences_waiting),
             KV_CACHE_USAGE: float(stats.kv_cache_usage)}
 
 

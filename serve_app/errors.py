@@ -1,7 +1,8 @@
 """Typed errors inside the service, and the one place that turns them into OpenAI error bodies and HTTP.
 
-Code that finds a problem raises a `ServiceError` subclass; the ingress hands whatever it caught to
-`error_response()` before the first byte of a response, or to `sse_error_event()` once a stream has begun.
+Code that finds a problem raises a `ServiceError` subclass, in whichever process it runs (the engine's
+included: errors are pickled across process boundaries as themselves). The ingress maps whatever it caught
+with `http_error()` before the first byte of a response, or `sse_error_event()` once a stream has begun.
 Each subclass carries its HTTP status, OpenAI error `type` and `code`. A pydantic `ValidationError` becomes
 an `InvalidRequestError` naming the offending field; any other exception becomes an `InternalError` whose
 body says nothing about the failure, so tracebacks and internals never reach a client (log them instead).
@@ -9,10 +10,10 @@ body says nothing about the failure, so tracebacks and internals never reach a c
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import ValidationError
-from starlette.responses import JSONResponse
 
 from serve_app.protocol import ErrorBody, ErrorResponse
 
@@ -161,6 +162,14 @@ class ServiceUnavailableError(ServiceError):
         self.retry_after = retry_after
 
 
+class EngineUnavailableError(ServiceUnavailableError):
+    """A replica group's engine has stopped or failed: the group is unhealthy and Serve replaces it. A retry
+    reaches another group, or this one's replacement."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=1.0)
+
+
 class InternalError(ServiceError):
     """A failure of the service itself. The body stays generic; the cause belongs in the logs."""
 
@@ -212,13 +221,14 @@ def to_service_error(exc: BaseException) -> ServiceError:
     """The typed error that `exc` stands for; unknown exceptions become an `InternalError`.
 
     Ray Serve's own refusal (a deployment's `max_queued_requests` reached) is an overload, not a bug: 503
-    with Retry-After, so clients back off instead of reporting a server fault.
+    with Retry-After, so clients back off instead of reporting a server fault. It is matched by name, here
+    only, so that the engine's processes never import Ray to map an error.
     """
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, ValidationError):
         return from_validation_error(exc)
-    if type(exc).__name__ == "BackPressureError":  # ray.serve.exceptions; matched by name to keep Ray out
+    if type(exc).__name__ == "BackPressureError":  # ray.serve.exceptions.BackPressureError
         return ServiceUnavailableError("The server is overloaded. Please retry shortly.",
                                        retry_after=BACKPRESSURE_RETRY_AFTER_S)
     return InternalError()
@@ -231,14 +241,22 @@ def error_body(exc: BaseException) -> dict[str, Any]:
     return ErrorResponse(error=body).model_dump()
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    """The HTTP response for `exc` when nothing has been sent yet: its status, body and Retry-After."""
+@dataclass(frozen=True)
+class HttpError:
+    """What to answer for an error when nothing has been sent yet: status, OpenAI body, headers."""
+
+    status_code: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def http_error(exc: BaseException) -> HttpError:
     error = to_service_error(exc)
     headers = {}
     if error.retry_after is not None:
         # Retry-After takes whole seconds; round up so that a client never retries too early.
         headers["Retry-After"] = str(math.ceil(error.retry_after))
-    return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
+    return HttpError(error.status_code, error_body(error), headers)
 
 
 def sse_error_event(exc: BaseException) -> str:

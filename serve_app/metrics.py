@@ -1,16 +1,15 @@
 """The service's Prometheus metrics, all named `llama_serve_*`, served by the ingress at `GET /metrics`.
 
 In: per-request observations from the ingress (`RequestMeter`: each batch of stage events, then the end of
-the request) and, at scrape time, the engine's `EngineStats` fetched from the replica. Out: Prometheus text.
+the request) and, at scrape time, every replica group's status from the status board (`status_board.py`).
+Out: Prometheus text: this ingress replica's request metrics, and each group's engine gauges labelled by
+`replica`.
 
 Why prometheus_client in the ingress rather than Ray's metrics API: Ray's metrics are exported on each
 node's metrics agent port, not through the service, so `GET /metrics` could not return them. Latencies are
-measured where the client sees them (the ingress), which is the honest place for time to first token; the
-engine's gauges are pulled from the replica when scraped. One registry per ingress replica: with several
-ingress replicas or replica groups, each scrape answers for the ingress replica and the replica group that
-served it (see docs/api.md).
+measured where the client sees them (the ingress), which is the honest place for time to first token.
 
-Every replica group also exports the same engine gauges through Ray's metrics (`ReplicaGaugeExport`), labelled
+Every replica group also exports the same engine gauges through Ray's metrics (`ReplicaReporter`), labelled
 with its application, deployment and replica, so a Prometheus that scrapes Ray's nodes sees each group.
 """
 
@@ -24,7 +23,9 @@ from collections.abc import Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from serve_app import status_board
 from serve_app.engine.engine import EngineStats
+from serve_app.status_board import GroupStatus
 
 PREFIX = "llama_serve_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -34,8 +35,9 @@ logger = logging.getLogger(__name__)
 # The engine's gauges: name (after PREFIX) -> (help, value from EngineStats). Shared by the ingress's
 # `/metrics` and each replica group's export through Ray, so both say the same thing under the same names.
 ENGINE_GAUGES: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
-    "num_requests_running": ("Engine sequences in the running batch.", lambda s: s.num_running),
-    "num_requests_waiting": ("Engine sequences waiting to be scheduled.", lambda s: s.num_waiting),
+    "num_sequences_running": ("Sequences (choices) in the engine's running batch.",
+                              lambda s: s.num_sequences_running),
+    "num_sequences_waiting": ("Sequences (choices) waiting to be scheduled.", lambda s: s.num_sequences_waiting),
     "kv_cache_usage_ratio": ("Share of KV-cache blocks in use (0-1).", lambda s: s.kv_cache_usage),
     "kv_cache_free_blocks": ("Free KV-cache blocks.", lambda s: s.num_free_blocks),
     "num_preemptions": ("Preemptions since the engine started.", lambda s: s.num_preemptions),
@@ -43,6 +45,8 @@ ENGINE_GAUGES: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
                                   lambda s: s.prefix_cache_query_tokens),
     "prefix_cache_hit_tokens": (("Tokens found in the prefix cache (not computed again) since the engine "
                                  "started."), lambda s: s.prefix_cache_hit_tokens),
+    "engine_generated_tokens": ("Tokens the engine sampled since it started, aborted choices' included.",
+                                lambda s: s.generated_tokens),
 }
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -70,15 +74,24 @@ class ServiceMetrics:
                                      registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Generated tokens (all choices).",
                                          registry=r)
-        self.engine_gauges = {name: Gauge(f"{PREFIX}{name}", help_text, registry=r)
+        by_group = " One series per replica group (label `replica`), from the application's status board."
+        self.engine_gauges = {name: Gauge(f"{PREFIX}{name}", help_text + by_group, ["replica"], registry=r)
                               for name, (help_text, _) in ENGINE_GAUGES.items()}
+        self.group_healthy = Gauge(f"{PREFIX}replica_group_healthy", "1 while the group's engine runs with every "
+                                   "rank." + by_group, ["replica"], registry=r)
 
     def meter(self, route: str) -> RequestMeter:
         return RequestMeter(self, route)
 
-    def set_engine_stats(self, stats: EngineStats) -> None:
-        for name, (_, value) in ENGINE_GAUGES.items():
-            self.engine_gauges[name].set(value(stats))
+    def set_groups(self, groups: list[GroupStatus]) -> None:
+        """Every group's gauges as the board has them now; groups no longer on it drop out."""
+        for gauge in [*self.engine_gauges.values(), self.group_healthy]:
+            gauge.clear()
+        for group in groups:
+            self.group_healthy.labels(group.replica).set(1.0 if group.healthy else 0.0)
+            if group.stats is not None:
+                for name, (_, value) in ENGINE_GAUGES.items():
+                    self.engine_gauges[name].labels(group.replica).set(value(group.stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -129,39 +142,57 @@ class RequestMeter:
             self.metrics.e2e_request_latency.labels(self.route).observe(now - self.start)
 
 
-class ReplicaGaugeExport:
-    """Inside a replica group's Serve replica: the engine's gauges through Ray's metrics, once a second.
+class ReplicaReporter:
+    """Inside a replica group's Serve replica: once a second, the group's status onto the application's
+    status board (for the ingress's `/health` and `/metrics`) and its engine gauges through Ray's metrics.
 
-    `ray.serve.metrics` labels them with the application, deployment and replica, and Ray's metrics agent on
-    each node serves them (`ray_llama_serve_*`) to whatever scrapes Ray. Set from a timer thread rather than
-    per engine step: a step's report would cost the replica's event loop a Python call per gauge, ~200 times a
-    second, for values a scraper reads every few seconds.
+    `ray.serve.metrics` labels the gauges with the application, deployment and replica, and Ray's metrics
+    agent on each node serves them (`ray_llama_serve_*`) to whatever scrapes Ray. From a timer thread rather
+    than per engine step: a step's report would cost the replica's event loop a Python call per gauge,
+    hundreds of times a second, for values a scraper reads every few seconds.
     """
 
-    def __init__(self, read: Callable[[], tuple[EngineStats | None, bool]], interval_s: float = 1.0) -> None:
+    def __init__(self, app: str, replica: str, read: Callable[[], tuple[EngineStats | None, bool]],
+                 interval_s: float = status_board.PUBLISH_INTERVAL_S) -> None:
+        """`read()` gives the engine's latest stats and whether the group is healthy."""
         from ray.serve.metrics import Gauge as RayGauge
 
+        self._app, self._replica = app, replica
         self._read = read
         self._interval_s = interval_s
         self._gauges = {name: RayGauge(f"{PREFIX}{name}", description=help_text)
                         for name, (help_text, _) in ENGINE_GAUGES.items()}
-        self._alive = RayGauge(f"{PREFIX}engine_alive", description="1 while the replica group's engine runs.")
+        self._alive = RayGauge(f"{PREFIX}engine_alive",
+                               description="1 while the replica group's engine runs with every rank.")
         self._stopped = threading.Event()
-        threading.Thread(target=self._run, name="engine-gauges", daemon=True).start()
+        self._lock = threading.Lock()  # a report in flight finishes before `stop` withdraws the group
+        threading.Thread(target=self._run, name="replica-reporter", daemon=True).start()
 
-    def export(self) -> None:
-        stats, alive = self._read()
-        self._alive.set(1.0 if alive else 0.0)
+    def report(self) -> None:
+        stats, healthy = self._read()
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            status_board.publish(self._app, GroupStatus(self._replica, healthy, stats, time.time()))
+        self._alive.set(1.0 if healthy else 0.0)
         if stats is not None:
             for name, (_, value) in ENGINE_GAUGES.items():
                 self._gauges[name].set(value(stats))
 
     def stop(self) -> None:
-        self._stopped.set()
+        """Stop reporting and take the group off the board."""
+        with self._lock:
+            self._stopped.set()
+        try:
+            status_board.withdraw(self._app, self._replica)
+        except Exception:
+            logger.warning("could not withdraw the replica group from the status board", exc_info=True)
 
     def _run(self) -> None:
-        while not self._stopped.wait(self._interval_s):
+        while True:
             try:
-                self.export()
-            except Exception:  # a metrics hiccup must not end the export for the replica's lifetime
-                logger.exception("exporting the engine's gauges failed")
+                self.report()
+            except Exception:  # a hiccup must not end the reports for the replica's lifetime
+                logger.exception("reporting the replica group's status failed")
+            if self._stopped.wait(self._interval_s):
+                return

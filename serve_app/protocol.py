@@ -181,7 +181,7 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None,
         description="Added to the logits of the given token ids (decimal strings, as JSON keys must be) "
-        "before sampling. Ids past the vocabulary are the stage's to reject: this model does not know "
+        "before sampling. Ids past the vocabulary are the engine's to reject: this model does not know "
         "the vocabulary size.",
     )
     user: str | None = Field(None, description="An end-user identifier, for abuse monitoring only.")
@@ -230,8 +230,7 @@ class SamplingRequest(BaseModel):
         """The engine's view of this request, for one of its `n` sequences.
 
         `max_tokens` is the resolved budget: the caller caps `self.max_tokens` (or, when that is None,
-        fills in) the room the prompt leaves in the context. Stop strings are not included: the stage
-        matches them on text.
+        fills in) the room the prompt leaves in the context.
         """
         logprobs, top_logprobs = self._logprobs()
         return SamplingParams(
@@ -247,6 +246,7 @@ class SamplingRequest(BaseModel):
             logit_bias={int(token_id): bias for token_id, bias in (self.logit_bias or {}).items()},
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            stop=tuple(self.stop or ()),
         )
 
 

@@ -2,12 +2,14 @@
 
 Plain Python — no Ray, no asyncio — so tests and benchmarks drive it directly:
 
-    engine.add_request("a", prompt_token_ids, SamplingParams(max_tokens=16))
+    engine = start_engine(model_config, engine_config)
+    engine.add_request(EngineRequest(ChoiceId("r", 0), prompt_token_ids, SamplingParams(max_tokens=16)))
     while engine.has_unfinished():
         for output in engine.step(): ...
 
-Each `step()` is schedule → run (all ranks) → sample (rank 0, on the device) → update. Whoever owns the
-engine (the Serve replica) calls `step()` in a loop on one thread and `heartbeat()` while idle.
+Each `step()` is schedule → prepare → execute (all ranks) → sample (rank 0, on the device) → update. Whoever
+owns the engine (the replica's engine loop) calls `step()` in a loop on one thread and `heartbeat()` while
+idle.
 """
 
 from __future__ import annotations
@@ -19,65 +21,80 @@ from dataclasses import dataclass
 import torch
 
 from serve_app.config import EngineConfig, ModelConfig
-from serve_app.engine.kv_cache import BlockManager
+from serve_app.engine.block_manager import BlockManager
 from serve_app.engine.model_runner import ModelRunner, StepInput
-from serve_app.engine.sampler import PenaltyTable, SamplingBatch, sample, uses_penalties
-from serve_app.engine.sampling_params import SamplingParams
-from serve_app.engine.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
-from serve_app.engine.sequence import RequestOutput, Sequence, TokenLogprob
-from serve_app.parallel.group import GroupAddress
+from serve_app.engine.sampler import SampledTokens, Sampler
+from serve_app.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits
+from serve_app.engine.sequence import ChoiceId, EngineRequest, RequestOutput, Sequence
+from serve_app.engine.worker import load_rank_model, run_worker
+from serve_app.errors import InvalidRequestError
+from serve_app.parallel.group import (
+    GroupAddress,
+    TensorParallelGroup,
+    join_process_group,
+    leave_process_group,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class EngineStats:
-    num_running: int
-    num_waiting: int
+    num_sequences_running: int
+    num_sequences_waiting: int
     kv_cache_usage: float  # share of blocks in use
     num_free_blocks: int
     num_blocks: int
     num_preemptions: int
     prefix_cache_query_tokens: int = 0  # tokens looked up in the prefix cache at admission, since start
     prefix_cache_hit_tokens: int = 0  # ... found there, so not computed again
+    generated_tokens: int = 0  # tokens sampled since start (aborted choices' included)
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, limits: SchedulerLimits, eos_token_ids: tuple[int, ...],
-                 followers=None, enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, group: TensorParallelGroup | None = None):
+        """`group`: the follower ranks this engine owns (started for it by `start_engine`), which it checks
+        and stops with itself; None when another process owns them (an engine in its own process)."""
         self.runner = runner
         self.limits = limits
+        self.group = group
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(limits, self.block_manager, eos_token_ids)
-        self.followers = followers  # LocalFollowers / RayFollowers for ranks > 0, or None at tp=1
+        self.sampler = Sampler(limits.max_num_seqs, runner.vocab_size, runner.device)
         self.num_preemptions = 0
-        self._sequences: dict[str, Sequence] = {}
-        self.penalties = PenaltyTable(limits.max_num_seqs, runner.vocab_size, runner.device)
+        self.num_generated_tokens = 0
+        self._sequences: dict[ChoiceId, Sequence] = {}
 
     # -- requests ------------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if request_id in self._sequences:
-            raise ValueError(f"request {request_id!r} is already running")
-        if not prompt_token_ids or len(prompt_token_ids) >= self.limits.max_model_len:
-            raise ValueError(f"a prompt needs 1 to {self.limits.max_model_len - 1} tokens, "
-                             f"got {len(prompt_token_ids)}")
-        # Checked here, against the model's own vocabulary, so one request cannot fail a step for all.
-        if any(not 0 <= token < self.runner.vocab_size for token in params.logit_bias):
-            raise ValueError(f"logit_bias names a token id outside the vocabulary of {self.runner.vocab_size}")
-        seq = Sequence(request_id, list(prompt_token_ids), params)
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a choice; a request this engine cannot serve is refused here (`InvalidRequestError`), alone,
+        before it can fail a step for everyone."""
+        params = request.params
+        if request.choice in self._sequences:
+            raise InvalidRequestError(f"choice {request.choice} is already running")
+        if not request.prompt_token_ids or len(request.prompt_token_ids) >= self.limits.max_model_len:
+            raise InvalidRequestError(f"A prompt needs 1 to {self.limits.max_model_len - 1} tokens, got "
+                                      f"{len(request.prompt_token_ids)}.")
+        # Against the model's own vocabulary: an id past it would be a device-side assert on a GPU, taking
+        # down every request of the step.
+        outside = [token for token in params.logit_bias if not 0 <= token < self.runner.vocab_size]
+        if outside:
+            raise InvalidRequestError(f"Token id {outside[0]} in logit_bias is outside the vocabulary (size "
+                                      f"{self.runner.vocab_size}).", param="logit_bias")
+        seq = Sequence(request.choice, list(request.prompt_token_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        self._sequences[request_id] = seq
+        self._sequences[request.choice] = seq
         self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Cancel a request; its KV blocks are free when this returns. False if it was unknown/finished."""
-        seq = self._sequences.pop(request_id, None)
-        if seq is None:
+    def abort_request(self, choice: ChoiceId) -> bool:
+        """Cancel a choice; its KV blocks are free when this returns. False if it was unknown or finished."""
+        if self._sequences.pop(choice, None) is None:
             return False
-        self.scheduler.abort(request_id)
-        self.penalties.release(request_id)
+        self.scheduler.abort(choice)
+        self.sampler.release(choice)
         return True
 
     def has_unfinished(self) -> bool:
@@ -87,7 +104,7 @@ class Engine:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.block_manager.usage,
                            self.block_manager.num_free_blocks, self.block_manager.num_blocks,
                            self.num_preemptions, self.scheduler.prefix_query_tokens,
-                           self.scheduler.prefix_hit_tokens)
+                           self.scheduler.prefix_hit_tokens, self.num_generated_tokens)
 
     # -- one step --------------------------------------------------------------------------------------------
 
@@ -95,86 +112,28 @@ class Engine:
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
         for seq in scheduled.preempted:
-            self.penalties.release(seq.request_id)  # refilled from its token ids when it resumes
+            self.sampler.release(seq.choice)  # its penalty state is refilled from its tokens when it resumes
         if not scheduled.chunks:
             return []
-        step_input, sampling_seqs = self._prepare(scheduled)
+        step_input, sampling_seqs = prepare_step(scheduled.chunks, self.runner.block_size)
         logits = self.runner.execute(step_input)
-        params = [seq.params for seq in sampling_seqs]
-        prompts = [seq.prompt_token_ids for seq in sampling_seqs]
-        outputs_so_far = [seq.output_token_ids for seq in sampling_seqs]
-        penalty_slots = None
-        if any(uses_penalties(p) for p in params):
-            penalty_slots = self.penalties.slots([seq.request_id for seq in sampling_seqs], params, prompts,
-                                                 outputs_so_far)
-        batch = SamplingBatch.build(
-            params, [seq.generator for seq in sampling_seqs], prompts, outputs_so_far,
-            vocab_size=logits.shape[-1], device=logits.device,
-            penalty_stats=self.penalties.stats(penalty_slots) if penalty_slots is not None else None)
-        result = sample(logits, batch)
-        if penalty_slots is not None:
-            self.penalties.record(penalty_slots, result.token_ids)
-        token_ids = result.token_ids.tolist()
-        sampled = {seq.request_id: token for seq, token in zip(sampling_seqs, token_ids)}
-        logprobs = self._logprobs(sampling_seqs, token_ids, result)
+        sampled = self.sampler(logits, sampling_seqs)
+        self.num_generated_tokens += len(sampled.token_ids)
+        finished = self.scheduler.update_from_output(
+            scheduled, {seq.choice: token for seq, token in zip(sampling_seqs, sampled.token_ids)})
+        return self._outputs(sampling_seqs, sampled, {seq.choice for seq in finished})
 
-        finished = {seq.request_id for seq in self.scheduler.update_from_output(scheduled, sampled)}
+    def _outputs(self, seqs: list[Sequence], sampled: SampledTokens, finished: set[ChoiceId]
+                 ) -> list[RequestOutput]:
         outputs = []
-        for seq in sampling_seqs:
-            done = seq.request_id in finished
-            outputs.append(RequestOutput(
-                seq.request_id, [sampled[seq.request_id]], finished=done,
-                finish_reason=seq.finish_reason if done else None, logprobs=logprobs.get(seq.request_id)))
+        for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            done = seq.choice in finished
+            outputs.append(RequestOutput(seq.choice, [token], seq.finish_reason if done else None,
+                                         [logprobs] if logprobs is not None else None))
             if done:
-                del self._sequences[seq.request_id]
-                self.penalties.release(seq.request_id)
+                del self._sequences[seq.choice]
+                self.sampler.release(seq.choice)
         return outputs
-
-    def _prepare(self, scheduled: SchedulerOutput) -> tuple[StepInput, list[Sequence]]:
-        block_size = self.runner.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_starts = [0]
-        context_lens: list[int] = []
-        sample_rows: list[int] = []
-        sampling_seqs: list[Sequence] = []
-        width = max(len(chunk.seq.block_table) for chunk in scheduled.chunks)
-        tables: list[list[int]] = []
-        for chunk in scheduled.chunks:
-            seq, start, stop = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
-            input_ids.extend(seq.token_ids_slice(start, stop))
-            positions.extend(range(start, stop))
-            table = seq.block_table
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, stop))
-            query_starts.append(len(input_ids))
-            context_lens.append(stop)
-            tables.append(table + [0] * (width - len(table)))
-            if chunk.samples:
-                sample_rows.append(len(input_ids) - 1)
-                sampling_seqs.append(seq)
-
-        def as_tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64)
-
-        step = StepInput(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), as_tensor(query_starts),
-                         as_tensor(context_lens), as_tensor(tables), as_tensor(sample_rows))
-        return step, sampling_seqs
-
-    @staticmethod
-    def _logprobs(seqs: list[Sequence], token_ids: list[int], result) -> dict[str, list[TokenLogprob]]:
-        wanted = [i for i, seq in enumerate(seqs) if seq.params.logprobs]
-        if not wanted or result.logprobs is None:
-            return {}
-        chosen = result.logprobs.tolist()
-        top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
-        top_values = result.top_logprob_values.tolist() if result.top_logprob_values is not None else None
-        out = {}
-        for i in wanted:
-            k = seqs[i].params.top_logprobs
-            top = list(zip(top_ids[i][:k], top_values[i][:k])) if top_ids is not None and k else []
-            out[seqs[i].request_id] = [TokenLogprob(token_ids[i], chosen[i], top)]
-        return out
 
     # -- group life ------------------------------------------------------------------------------------------
 
@@ -182,39 +141,73 @@ class Engine:
         self.runner.heartbeat()
 
     def healthy(self) -> bool:
-        return self.followers is None or self.followers.healthy()
+        """Every follower rank this engine owns still runs."""
+        return self.group is None or self.group.healthy()
 
     def shutdown(self) -> None:
         """Stop the followers and leave the process group; safe to call after a rank has died."""
-        from serve_app.parallel.group import leave_group
-
         try:
             self.runner.shutdown()
         finally:
-            if self.followers is not None:
-                self.followers.join()
-            leave_group()
+            if self.group is not None:
+                self.group.stop()
+            leave_process_group()
 
 
-def build_engine(model: ModelConfig, engine: EngineConfig, *, use_ray: bool = False,
-                 address: GroupAddress | None = None) -> Engine:
-    """Start a whole tensor-parallel group with rank 0 in this process, and its engine.
+def prepare_step(chunks: list[ScheduledChunk], block_size: int) -> tuple[StepInput, list[Sequence]]:
+    """The scheduled chunks as one step's input (flat token list, positions, cache slots, block tables, the
+    rows that sample), and the sequences that sample, in the order of their logits."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_starts = [0]
+    context_lens: list[int] = []
+    sample_rows: list[int] = []
+    sampling_seqs: list[Sequence] = []
+    width = max(len(chunk.seq.block_table) for chunk in chunks)
+    tables: list[list[int]] = []
+    for chunk in chunks:
+        seq, start, stop = chunk.seq, chunk.start, chunk.start + chunk.num_tokens
+        input_ids.extend(seq.token_ids_slice(start, stop))
+        positions.extend(range(start, stop))
+        table = seq.block_table
+        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, stop))
+        query_starts.append(len(input_ids))
+        context_lens.append(stop)
+        tables.append(table + [0] * (width - len(table)))
+        if chunk.samples:
+            sample_rows.append(len(input_ids) - 1)
+            sampling_seqs.append(seq)
 
-    Given `address`, ranks 1..N-1 were started by another process (the replica, for an engine in its own
-    process), which also keeps them; this process only joins them as rank 0."""
-    from serve_app.parallel.group import join_group, start_followers
-    from serve_app.parallel.worker import load_model
+    def as_tensor(values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64)
 
+    step = StepInput(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), as_tensor(query_starts),
+                     as_tensor(context_lens), as_tensor(tables), as_tensor(sample_rows))
+    return step, sampling_seqs
+
+
+def build_engine(model: ModelConfig, engine: EngineConfig, address: GroupAddress,
+                 group: TensorParallelGroup | None = None) -> Engine:
+    """Rank 0 of the group at `address`, and its engine, in this process: join the followers, load this
+    rank's model, warm up. `group`, when this process owns the followers, goes to the engine."""
     started = time.monotonic()
-    world_size = model.tensor_parallel_size
-    followers = None
-    if address is None:
-        address, followers = start_followers(model, engine, use_ray=use_ray)
-    join_group(address, 0, engine)
-    hf_model = load_model(model, engine, world_size)
-    runner = ModelRunner(hf_model, model, engine, 0, world_size)
+    join_process_group(address, 0, engine)
+    hf_model = load_rank_model(model, engine, address.world_size)
+    runner = ModelRunner(hf_model, model, engine, 0, address.world_size)
     eos = hf_model.generation_config.eos_token_id
     eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     limits = SchedulerLimits(engine.max_num_seqs, engine.max_num_batched_tokens, model.max_model_len)
-    logger.info("engine ready in %.1f s (tp=%d)", time.monotonic() - started, world_size)
-    return Engine(runner, limits, eos_token_ids, followers, engine.enable_prefix_caching)
+    logger.info("engine ready in %.1f s (tp=%d)", time.monotonic() - started, address.world_size)
+    return Engine(runner, limits, eos_token_ids, engine.enable_prefix_caching, group)
+
+
+def start_engine(model: ModelConfig, engine: EngineConfig, *, use_ray: bool = False) -> Engine:
+    """A whole tensor-parallel group with rank 0's engine in this process: the followers are launched here
+    (local processes, or Ray actors in the caller's placement group) and owned by the engine."""
+    group = TensorParallelGroup.launch(model, engine, run_worker, use_ray=use_ray)
+    try:
+        return build_engine(model, engine, group.address, group)
+    except BaseException:
+        group.stop(timeout_s=0.0)
+        raise

@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 from serve_app.config import EngineConfig, ModelConfig
-from serve_app.engine.kv_cache import KVCache, KVCacheShape, blocks_needed, num_blocks_for_budget
+from serve_app.engine.block_manager import blocks_needed
+from serve_app.layers.attention import AttentionBatch, KVCache, KVCacheShape, num_blocks_for_budget
 from serve_app.models import llama
-from serve_app.parallel.worker import DTYPES
+from serve_app.models.checkpoint import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class ModelRunner:
         self._threads = torch.get_num_threads()  # what the rank was given (`cpu_threads_per_rank`)
         self._small_step_tokens = engine.cpu_small_step_tokens if self.device.type == "cpu" else None
         num_layers, kv_heads, head_dim = llama.layout(model)
-        dtype = DTYPES[model_config.dtype]
+        dtype = TORCH_DTYPES[model_config.dtype]
         warm_up = largest_steps(engine.max_num_batched_tokens, engine.max_num_seqs, model_config.max_model_len,
                                 engine.block_size)
         if engine.kv_cache_bytes is not None:
@@ -219,7 +220,7 @@ class ModelRunner:
             threads = 1 if step.input_ids.numel() < self._small_step_tokens else self._threads
             if threads != torch.get_num_threads():  # switching costs ~0.1 ms: only when the size class changes
                 torch.set_num_threads(threads)
-        batch = llama.AttentionBatch.build(step.query_starts.tolist(), step.context_lens.tolist(),
+        batch = AttentionBatch.build(step.query_starts.tolist(), step.context_lens.tolist(),
                                            step.block_tables.to(self.device), step.slots.to(self.device),
                                            self.block_size, self._decode_gather_tokens)
         return llama.forward(self.model, self.kv_cache if kv_cache is None else kv_cache,

@@ -1,10 +1,11 @@
 """The sampler: one step's logits in, one next token per sequence out, all on the logits' device.
 
-In: logits `[B, V]` (the last position of each of the B sequences that sample this step) and a
-`SamplingBatch`, the rows' `SamplingParams` turned into tensors once per step by `SamplingBatch.build`.
-Out: a `SamplerOutput` of token ids and, when a row asked, log-probs: the only things that leave the device.
+`Sampler(logits, seqs)` is what the engine step calls: logits `[B, V]` (the last position of each of the B
+sequences that sample this step) and those sequences in; their next token ids (and, where a row asked,
+log-probs) out, on the host. It owns the per-sequence sampling state (the `PenaltyTable`), turns the rows'
+`SamplingParams` into a `SamplingBatch` of tensors, runs `sample`, and copies to the host once.
 
-Each stage is a small pure tensor function over the whole batch (gpt-fast style), in this order:
+`sample` is a chain of small pure tensor functions over the whole batch (gpt-fast style), in this order:
 
     logit_bias → repetition penalty → frequency/presence penalties      `process_logits`
     → greedy rows take the argmax here
@@ -12,8 +13,8 @@ Each stage is a small pure tensor function over the whole batch (gpt-fast style)
     → exponential race: argmax(p / q) with q ~ Exp(1)                   `sample_from_probs`
 
 A row whose parameter is off passes through that stage bit for bit unchanged, and a stage that no row uses
-is skipped entirely. Which stages run is decided in `build` from the Python params, so the step never syncs
-with the device to find out.
+is skipped entirely. Which stages run is decided in `SamplingBatch.build` from the Python params, so the step
+never syncs with the device to find out.
 
 Log-probs are the model's own: `log_softmax` of the logits as they came from the model, before bias,
 penalties, temperature and truncation. That is vLLM's default (`logprobs_mode="raw_logprobs"`); OpenAI does
@@ -21,21 +22,70 @@ not document which distribution it reports. The model's distribution means the s
 request's sampling settings, and stays informative for greedy rows, whose processed distribution would be a
 single token.
 
-Penalty statistics (which tokens a sequence has seen, how often it produced each) live on the device in a
+Penalty statistics (which tokens a sequence has seen, how often it produced each) live on the device in the
 `PenaltyTable`, one slot per running sequence that uses a penalty: filled once from its token ids when it
 first samples (or resumes after preemption), then updated with each sampled token, so a step never ships
-token histories to the device. Without a table (unit tests), `build` counts from the id lists instead.
+token histories to the device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 
 from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import ChoiceId, SampleLogprobs, Sequence
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """One step's sampling result on the host: a token id per row and, for rows that asked, its log-probs."""
+
+    token_ids: list[int]
+    logprobs: list[SampleLogprobs | None]
+
+
+class Sampler:
+    """Samples each step's next tokens, and keeps what sampling needs across steps (penalty statistics)."""
+
+    def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self.penalties = PenaltyTable(max_num_seqs, vocab_size, device)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+        """The next token of each sequence; `logits[i]` is the last position of `seqs[i]`."""
+        params = [seq.params for seq in seqs]
+        slots = self.penalties.slots(seqs) if any(uses_penalties(p) for p in params) else None
+        batch = SamplingBatch.build(params, [seq.generator for seq in seqs], logits.shape[-1], logits.device,
+                                    self.penalties.stats(slots) if slots is not None else None)
+        result = sample(logits, batch)
+        if slots is not None:
+            self.penalties.record(slots, result.token_ids)
+        token_ids = result.token_ids.tolist()  # the step's one copy to the host, unless log-probs were asked
+        return SampledTokens(token_ids, _host_logprobs(params, token_ids, result))
+
+    def release(self, choice: ChoiceId) -> None:
+        """Forget a sequence's state: it finished, was aborted, or was preempted (refilled when it resumes)."""
+        self.penalties.release(choice)
+
+
+def _host_logprobs(params: list[SamplingParams], token_ids: list[int], result: SamplerOutput
+                   ) -> list[SampleLogprobs | None]:
+    if result.logprobs is None:
+        return [None] * len(params)
+    chosen = result.logprobs.tolist()
+    top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
+    top_values = result.top_logprob_values.tolist() if result.top_logprob_values is not None else None
+    out: list[SampleLogprobs | None] = []
+    for row, p in enumerate(params):
+        if not p.logprobs:
+            out.append(None)
+            continue
+        k = p.top_logprobs
+        top = list(zip(top_ids[row][:k], top_values[row][:k])) if top_ids is not None and k else []
+        out.append(SampleLogprobs(token_ids[row], chosen[row], top))
+    return out
 
 
 @dataclass(frozen=True, eq=False)  # eq on tensor fields would be elementwise, never a bool
@@ -69,22 +119,21 @@ class SamplingBatch:
     num_top_logprobs: int  # K: the most top_logprobs any row asked for
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
-              prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
-              vocab_size: int, device: torch.device,
-              penalty_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplingBatch:
+    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None], vocab_size: int,
+              device: torch.device, penalty_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> SamplingBatch:
         """Turn the rows' params into tensors on `device`.
 
         `generators[i]` is row i's own generator (on `device`) when its request has a seed, else None; the
         caller creates it once per request and keeps it across steps, so a seeded request draws the same
         tokens whatever else is in the batch. `penalty_stats` — `(seen [B, V] bool, output_counts [B, V]
-        float32)` from a `PenaltyTable` — feed the penalties when given; otherwise they are counted from the
-        token id lists: the prompt's for the repetition penalty only, the output's for all three.
+        float32)`, from a `PenaltyTable` — is required when any row uses a penalty. Logit-bias token ids must
+        lie inside the vocabulary (the engine refuses a request otherwise, before it reaches a step).
         """
         batch_size = len(params)
-        assert len(generators) == len(prompt_token_ids) == len(output_token_ids) == batch_size
+        assert len(generators) == batch_size
 
-        def per_row(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
         sampled = [not p.greedy for p in params]
@@ -95,33 +144,11 @@ class SamplingBatch:
         top_ps = [p.top_p if s else 1.0 for p, s in zip(params, sampled, strict=True)]
         min_ps = [p.min_p if s else 0.0 for p, s in zip(params, sampled, strict=True)]
         top_k_values = [k for k in top_ks if k < vocab_size]
-
-        bias_index: list[int] = []
-        bias_value: list[float] = []
-        for row, p in enumerate(params):
-            for token, bias in p.logit_bias.items():
-                # The stage rejects ids past the vocabulary; an out-of-range index on a GPU would be a
-                # device-side assert that takes down every request on it, so refuse here too.
-                if not 0 <= token < vocab_size:
-                    raise ValueError(f"logit_bias token id {token} is outside the vocabulary of {vocab_size}")
-                bias_index.append(row * vocab_size + token)
-                bias_value.append(bias)
-
-        repetition_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        count_rows = [i for i, p in enumerate(params) if p.frequency_penalty or p.presence_penalty]
-        seen = output_counts = None
-        if penalty_stats is not None:
-            seen = penalty_stats[0] if repetition_rows else None
-            output_counts = penalty_stats[1] if count_rows else None
-        elif repetition_rows:
-            # Each row is listed twice, once with its prompt and once with its output, to avoid
-            # concatenating the lists on the host.
-            ids = [prompt_token_ids[i] for i in repetition_rows]
-            ids += [output_token_ids[i] for i in repetition_rows]
-            seen = _token_counts(repetition_rows * 2, ids, batch_size, vocab_size, device) > 0
-        if penalty_stats is None and count_rows:
-            ids = [output_token_ids[i] for i in count_rows]
-            output_counts = _token_counts(count_rows, ids, batch_size, vocab_size, device).float()
+        bias = [(row * vocab_size + token, value) for row, p in enumerate(params)
+                for token, value in p.logit_bias.items()]
+        repetition = any(p.repetition_penalty != 1.0 for p in params)
+        counting = any(p.frequency_penalty or p.presence_penalty for p in params)
+        assert penalty_stats is not None or not (repetition or counting), "penalties need a PenaltyTable"
 
         all_greedy = not any(sampled)
         mixed = not all_greedy and not all(sampled)
@@ -130,16 +157,14 @@ class SamplingBatch:
             vocab_size=vocab_size,
             all_greedy=all_greedy,
             greedy=per_row([not s for s in sampled], torch.bool) if mixed else None,
-            logit_bias_index=per_row(bias_index, torch.int64) if bias_index else None,
-            logit_bias_value=per_row(bias_value, torch.float32) if bias_index else None,
+            logit_bias_index=per_row([index for index, _ in bias], torch.int64) if bias else None,
+            logit_bias_value=per_row([value for _, value in bias], torch.float32) if bias else None,
             repetition_penalty=(per_row([p.repetition_penalty for p in params], torch.float32)
-                                if repetition_rows else None),
-            seen=seen,
-            frequency_penalty=(per_row([p.frequency_penalty for p in params], torch.float32)
-                               if count_rows else None),
-            presence_penalty=(per_row([p.presence_penalty for p in params], torch.float32)
-                              if count_rows else None),
-            output_counts=output_counts,
+                                if repetition else None),
+            seen=penalty_stats[0] if repetition else None,
+            frequency_penalty=per_row([p.frequency_penalty for p in params], torch.float32) if counting else None,
+            presence_penalty=per_row([p.presence_penalty for p in params], torch.float32) if counting else None,
+            output_counts=penalty_stats[1] if counting else None,
             temperature=per_row(temperatures, torch.float32) if any(t != 1.0 for t in temperatures) else None,
             top_k=per_row(top_ks, torch.int64) if top_k_values else None,
             max_top_k=max(top_k_values, default=0),
@@ -151,20 +176,6 @@ class SamplingBatch:
             want_logprobs=any(p.logprobs or p.top_logprobs > 0 for p in params),
             num_top_logprobs=min(max((p.top_logprobs for p in params), default=0), vocab_size),
         )
-
-
-def _token_counts(rows: list[int], token_ids: list[list[int]], batch_size: int, vocab_size: int,
-                  device: torch.device) -> torch.Tensor:
-    """Occurrences of each token id per row, int64 `[B, V]`; `token_ids[n]` are ids of row `rows[n]`.
-
-    The ragged id lists travel to the device as one flat tensor (not B * V counts), and one bincount over
-    `row * V + id` counts them there.
-    """
-    ids = torch.tensor(list(chain.from_iterable(token_ids)), dtype=torch.int64)
-    row_of_id = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64),
-                                        torch.tensor([len(t) for t in token_ids], dtype=torch.int64))
-    flat = (row_of_id * vocab_size + ids).to(device)
-    return torch.bincount(flat, minlength=batch_size * vocab_size).view(batch_size, vocab_size)
 
 
 class PenaltyTable:
@@ -180,25 +191,28 @@ class PenaltyTable:
         self.seen = torch.zeros((capacity + 1, vocab_size), dtype=torch.bool, device=device)
         self.output_counts = torch.zeros((capacity + 1, vocab_size), dtype=torch.float32, device=device)
         self._free = list(range(capacity, 0, -1))
-        self._slots: dict[str, int] = {}
+        self._slots: dict[ChoiceId, int] = {}
 
-    def slots(self, request_ids: list[str], params: list[SamplingParams], prompt_token_ids: list[list[int]],
-              output_token_ids: list[list[int]]) -> torch.Tensor:
+    @property
+    def num_held(self) -> int:
+        return len(self._slots)
+
+    def slots(self, seqs: list[Sequence]) -> torch.Tensor:
         """Each row's slot (0 for rows without penalties), filling new slots from their token ids."""
         slots = []
-        for request_id, p, prompt, output in zip(request_ids, params, prompt_token_ids, output_token_ids,
-                                                 strict=True):
-            if not uses_penalties(p):
+        for seq in seqs:
+            if not uses_penalties(seq.params):
                 slots.append(0)
                 continue
-            slot = self._slots.get(request_id)
+            slot = self._slots.get(seq.choice)
             if slot is None:
-                slot = self._slots[request_id] = self._free.pop()
+                slot = self._slots[seq.choice] = self._free.pop()
                 device = self.seen.device
-                self.seen[slot, torch.tensor(prompt + output, dtype=torch.int64, device=device)] = True
-                if output:
-                    self.output_counts[slot] = torch.bincount(
-                        torch.tensor(output, dtype=torch.int64, device=device), minlength=self.vocab_size).float()
+                seen = torch.tensor(seq.prompt_token_ids + seq.output_token_ids, dtype=torch.int64, device=device)
+                self.seen[slot, seen] = True
+                if seq.output_token_ids:
+                    output = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=device)
+                    self.output_counts[slot] = torch.bincount(output, minlength=self.vocab_size).float()
             slots.append(slot)
         return torch.tensor(slots, dtype=torch.int64, device=self.seen.device)
 
@@ -213,8 +227,8 @@ class PenaltyTable:
         self.output_counts.index_put_((slots, token_ids), torch.ones_like(token_ids, dtype=torch.float32),
                                       accumulate=True)
 
-    def release(self, request_id: str) -> None:
-        slot = self._slots.pop(request_id, None)
+    def release(self, choice: ChoiceId) -> None:
+        slot = self._slots.pop(choice, None)
         if slot is not None:
             self.seen[slot] = False
             self.output_counts[slot] = 0.0

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """What to sample and when to stop, for one sequence.
 
-    Token-level stop conditions live here (EOS, max_tokens); stop *strings* are matched on text by the
-    stage, which aborts the request once one is found.
+    Token-level stop conditions (EOS, stop tokens, max_tokens) are the engine's. Stop *strings* are matched
+    on text: by the replica, which ends the choice in the engine at the token that completes one, and by the
+    stage, which cuts the text there.
     """
 
     max_tokens: int
@@ -30,6 +31,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # stop strings
     ignore_eos: bool = False
 
     @property

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve_app.engine.kv_cache import BlockManager
-from serve_app.engine.sequence import FinishReason, Sequence, SequenceStatus
+from serve_app.engine.block_manager import BlockManager
+from serve_app.engine.sequence import ChoiceId, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Drop a request wherever it is; its blocks are free when this returns."""
+    def abort(self, choice: ChoiceId) -> Sequence | None:
+        """Drop a sequence wherever it is; its blocks are free when this returns."""
         for queue in (self.running, self.waiting):
             for seq in queue:
-                if seq.request_id == request_id:
+                if seq.choice == choice:
                     queue.remove(seq)
                     self._finish(seq, FinishReason.ABORT)
                     return seq
@@ -136,7 +136,7 @@ class Scheduler:
             budget -= num_tokens
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[ChoiceId, int]) -> list[Sequence]:
         """Record the step's progress and sampled tokens; return the sequences that finished."""
         finished: list[Sequence] = []
         for chunk in out.chunks:
@@ -145,7 +145,7 @@ class Scheduler:
             self.block_manager.register_full_blocks(seq)
             if not chunk.samples:
                 continue
-            token = sampled[seq.request_id]
+            token = sampled[seq.choice]
             seq.output_token_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:

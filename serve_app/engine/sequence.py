@@ -1,8 +1,9 @@
-"""One request's life inside the engine: its tokens, its KV blocks, and why it finished.
+"""One choice's life inside the engine, and the typed messages in and out of it.
 
-The scheduler moves `Sequence`s between the waiting and running queues; the engine appends sampled tokens
-and decides when they stop. `RequestOutput` is what leaves the engine after each step: only the new tokens,
-so a stream costs O(1) per token to forward.
+`EngineRequest` is what enters the engine: one choice of one client request (`ChoiceId`), its prompt token
+ids and its `SamplingParams`. The scheduler moves the `Sequence` it becomes between the waiting and running
+queues; the engine appends sampled tokens and decides when they stop. `RequestOutput` is what leaves the
+engine after each step: only the new tokens, so a stream costs O(1) per token to forward.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ import torch
 from serve_app.engine.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True, slots=True)
+class ChoiceId:
+    """Choice `index` of client request `request_id`: one engine sequence, end to end (stage, replica,
+    engine, and back)."""
+
+    request_id: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.request_id}#{self.index}"
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -22,14 +35,23 @@ class SequenceStatus(enum.Enum):
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS or a stop token
+    STOP = "stop"  # EOS, a stop token, or a stop string
     LENGTH = "length"  # max_tokens or the context window
-    ABORT = "abort"  # cancelled by the caller (client gone, stop string matched)
+    ABORT = "abort"  # cancelled by the caller (client gone)
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the stage sends the replica group: one choice's already-tokenized prompt and its parameters."""
+
+    choice: ChoiceId
+    prompt_token_ids: list[int]
+    params: SamplingParams
 
 
 @dataclass
 class Sequence:
-    request_id: str
+    choice: ChoiceId
     prompt_token_ids: list[int]
     params: SamplingParams
     output_token_ids: list[int] = field(default_factory=list)
@@ -47,10 +69,6 @@ class Sequence:
     generator: torch.Generator | None = None
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
@@ -60,35 +78,28 @@ class Sequence:
             return self.output_token_ids[start - prompt_len:stop - prompt_len]
         return (self.prompt_token_ids + self.output_token_ids)[start:stop]
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
 
-
-@dataclass(frozen=True)
-class EngineRequest:
-    """What the stage sends the replica group: an already-tokenized prompt and its sampling parameters."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass
-class TokenLogprob:
-    """The chosen token's log-probability and, when asked for, the best alternatives."""
+@dataclass(frozen=True, slots=True)
+class SampleLogprobs:
+    """The log-probability of one sampled token and, when asked for, the best alternatives, by token id."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
-    """What one engine step produced for one request: new tokens only."""
+    """What one engine step (or several, coalesced by the replica) produced for one choice: new tokens only.
 
-    request_id: str
+    `finish_reason` is set on the choice's last output, and only there.
+    """
+
+    choice: ChoiceId
     new_token_ids: list[int]
-    finished: bool = False
     finish_reason: FinishReason | None = None
-    logprobs: list[TokenLogprob] | None = None
+    logprobs: list[SampleLogprobs] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

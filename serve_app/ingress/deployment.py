@@ -4,17 +4,22 @@ In: HTTP requests. Out: JSON bodies or server-sent events, and OpenAI-shaped err
 
 Before any route runs, `edge.ApiEdge` checks the API key and caps the body size. Routes parse and validate
 (`edge.parse_body`), check the model name, and forward the request to the stage through a streaming
-deployment handle. The stage's first events are awaited before any byte is sent, so errors found there
-(context too long, engine overloaded) still get a real status code; after that, a failure becomes one SSE
-error event and the stream closes. `responses.py` turns the stage's events into OpenAI's bodies and chunks.
-Every error, from whichever layer, goes through `errors.error_response`.
+deployment handle: the stage is the only deployment the ingress calls. The stage's first events are awaited
+before any byte is sent, so errors found there (context too long, engine overloaded) still get a real status
+code; after that, a failure becomes one SSE error event and the stream closes. `responses.py` turns the
+stage's events into OpenAI's bodies and chunks. Every failure, from whichever layer, is classified once
+(`_service_error`: logged when unexpected) and mapped by `errors.py`.
+
+`/health` and `/metrics` read the replica groups' status from the application's status board
+(`status_board.py`), never by a call that could queue behind the streams.
 """
 
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,19 +29,20 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app import status_board
 from serve_app.config import AppConfig
 from serve_app.errors import (
+    InternalError,
     InvalidRequestError,
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
     ServiceError,
     ServiceUnavailableError,
-    error_response,
     sse_error_event,
     to_service_error,
 )
-from serve_app.ingress.edge import HEALTH_PATH, configure_api, parse_body
+from serve_app.ingress.edge import HEALTH_PATH, configure_api, error_response, parse_body
 from serve_app.ingress.responses import chat_body, chat_sse, completion_body, completion_sse
 from serve_app.metrics import CONTENT_TYPE, RequestMeter, ServiceMetrics
 from serve_app.models.checkpoint import resolve_checkpoint
@@ -50,11 +56,15 @@ from serve_app.protocol import (
     ModelList,
     SamplingRequest,
 )
-from serve_app.stage.chat import StageEvent
+from serve_app.stage.processor import StageEvent
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
-STATS_TIMEOUT_S = 5.0
+# The status board is read at most this often per ingress replica, and a read that takes longer than the
+# timeout leaves the last one in place: /health and /metrics answer at once whatever the load.
+BOARD_MAX_AGE_S = 0.5
+BOARD_READ_TIMEOUT_S = 1.0
 
 
 app = FastAPI(title="llama-serve", version="0.1.0", redirect_slashes=False,
@@ -82,15 +92,20 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 @app.exception_handler(Exception)
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     """Anything a route did not map: a generic 500, the details only in the log."""
-    logger.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
-    return error_response(to_service_error(exc))
+    return error_response(_service_error(exc))
 
 
-def root_cause(exc: BaseException) -> BaseException:
-    """The exception a deployment raised, under Ray's wrapping (RayTaskError keeps it as `.cause`)."""
-    while getattr(exc, "cause", None) is not None:
-        exc = exc.cause
-    return exc
+def _service_error(exc: BaseException) -> ServiceError:
+    """What a failure from any layer means to the client: the error a deployment raised, under Ray's
+    wrapping (RayTaskError keeps it as `.cause`), as a `ServiceError`. Unexpected failures (anything that
+    maps to a 500) are logged here, with their traceback, and only here."""
+    cause = exc
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    error = to_service_error(cause)
+    if isinstance(error, InternalError) and not isinstance(cause, ServiceError):
+        logger.error("request failed: %s", type(cause).__name__, exc_info=cause)
+    return error
 
 
 async def _metered(meter: RequestMeter, first: list[StageEvent], rest) -> AsyncIterator[list[StageEvent]]:
@@ -99,6 +114,39 @@ async def _metered(meter: RequestMeter, first: list[StageEvent], rest) -> AsyncI
     async for batch in rest:
         meter.observe(batch)
         yield batch
+
+
+# What nginx logs for a request whose client closed the connection before the answer; nobody receives it.
+CLIENT_CLOSED_REQUEST = 499
+
+
+class ClientDisconnected(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def _unless_disconnected(http_request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client goes away first: then `work` is cancelled (and with it the request's
+    stream down to the engine) and `ClientDisconnected` raised. Starlette does not cancel a route whose
+    client left; without this, an abandoned non-streamed request would run to its last token."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnect(http_request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected
+
+
+async def _disconnect(http_request: Request) -> None:
+    """Returns when the client has gone (the body has been read, so the next ASGI message says so)."""
+    while (await http_request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -140,12 +188,13 @@ app.openapi = lambda: openapi_document(app)
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, config: AppConfig, stage: DeploymentHandle, replica: DeploymentHandle):
+    def __init__(self, config: AppConfig, stage: DeploymentHandle):
         self.config = config
         self.stage = stage
-        self.replica = replica
         self.metrics = ServiceMetrics()
         self.app_name = serve.get_replica_context().app_name
+        self._groups: list[status_board.GroupStatus] | None = None  # the board, as last read
+        self._groups_read_at = float("-inf")
         self.model_card = ModelCard(id=config.model.served_model_id, owned_by=config.model.owned_by,
                                     root=resolve_checkpoint(config.model.source),
                                     max_model_len=config.model.max_model_len)
@@ -155,34 +204,32 @@ class Ingress:
         # and environment (API keys), which the module-level app cannot know.
         return configure_api(self.app, self.config.api, os.environ)
 
+    async def _replica_groups(self) -> list[status_board.GroupStatus] | None:
+        """The replica groups on the status board, read at most every `BOARD_MAX_AGE_S`; None until a first
+        read has succeeded."""
+        if time.monotonic() - self._groups_read_at >= BOARD_MAX_AGE_S:
+            self._groups_read_at = time.monotonic()
+            try:
+                self._groups = await asyncio.wait_for(asyncio.to_thread(status_board.read_board, self.app_name),
+                                                      BOARD_READ_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - the last reading stays until one succeeds
+                logger.warning("reading the status board failed: %s", type(exc).__name__)
+        return self._groups
+
     @app.get(HEALTH_PATH, responses=_error_responses(503))
     async def health(self) -> Response:
-        try:
-            await self.replica.check_health.remote()
-            healthy = await asyncio.to_thread(self._replica_groups_healthy, self.app_name)
-        except Exception:  # noqa: BLE001 - any failure means "not healthy", and says no more
-            healthy = False
+        """Ready while some replica group of this application can serve."""
+        groups = await self._replica_groups() or []
+        healthy = sum(group.healthy for group in groups)
         if not healthy:
             return error_response(ServiceUnavailableError("The model is not ready", retry_after=5))
-        return JSONResponse({"status": "ok"})
-
-    @staticmethod
-    def _replica_groups_healthy(app_name: str) -> bool:
-        """Whether Serve sees every replica group of this application as healthy (all ranks pass
-        `check_health`), not only the one that answered the call above."""
-        application = serve.status().applications.get(app_name)
-        if application is None:
-            return False
-        deployment = application.deployments.get("LlamaReplica")
-        return deployment is not None and deployment.status in ("HEALTHY", "UPSCALING", "DOWNSCALING")
+        return JSONResponse({"status": "ok", "replica_groups": {"healthy": healthy, "total": len(groups)}})
 
     @app.get("/metrics", response_class=Response, responses=_GET_ERRORS)
     async def prometheus_metrics(self) -> Response:
-        try:
-            stats = await asyncio.wait_for(self.replica.stats.remote(), STATS_TIMEOUT_S)
-            self.metrics.set_engine_stats(stats)
-        except Exception as exc:  # noqa: BLE001 - serve the rest; the gauges keep their last values
-            logger.warning("engine stats unavailable: %s", type(root_cause(exc)).__name__)
+        groups = await self._replica_groups()
+        if groups is not None:
+            self.metrics.set_groups(groups)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=ModelList, responses=_GET_ERRORS)
@@ -211,35 +258,39 @@ class Ingress:
             if request.model != self.model_card.id:
                 raise ModelNotFoundError(request.model)
             events = getattr(self.stage, method).options(stream=True).remote(request)
-            first = await events.__anext__()
+            first = await _unless_disconnected(http_request, events.__anext__())
+        except ClientDisconnected:
+            events.cancel()  # a client that went away must not keep the engine busy
+            meter.finish(CLIENT_CLOSED_REQUEST)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error in one place
-            return self._error(exc, meter)
+            return self._error_response(exc, meter)
         except BaseException:  # cancelled (client gone) while waiting for the first token
             if events is not None:
                 events.cancel()
             raise
         batches = _metered(meter, first, events)
         sse = chat_sse if method == "chat" else completion_sse
-        if request.stream:
+        if request.stream:  # Starlette's streaming response watches for the client going away itself
             return StreamingResponse(self._stream(sse(request, batches), events, meter),
                                      media_type="text/event-stream")
         collect = chat_body if method == "chat" else completion_body
         try:
-            body = await collect(request, batches)
+            body = await _unless_disconnected(http_request, collect(request, batches))
+        except ClientDisconnected:
+            meter.finish(CLIENT_CLOSED_REQUEST)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as exc:  # noqa: BLE001
-            return self._error(exc, meter)
+            return self._error_response(exc, meter)
         finally:
             events.cancel()  # a client that went away must not keep the engine busy
         meter.finish(200)
         return JSONResponse(body)
 
-    def _error(self, exc: BaseException, meter: RequestMeter | None = None) -> JSONResponse:
-        cause = root_cause(exc)
-        if not isinstance(cause, ServiceError) and type(cause).__name__ != "BackPressureError":
-            logger.error("request failed: %s", type(cause).__name__, exc_info=cause)
-        response = error_response(cause)
-        if meter is not None:
-            meter.finish(response.status_code)
+    @staticmethod
+    def _error_response(exc: BaseException, meter: RequestMeter) -> JSONResponse:
+        response = error_response(_service_error(exc))
+        meter.finish(response.status_code)
         return response
 
     async def _stream(self, lines: AsyncIterator[str], events, meter: RequestMeter) -> AsyncIterator[str]:
@@ -249,12 +300,10 @@ class Ingress:
             async for line in lines:
                 yield line
             yield "data: [DONE]\n\n"
-        except Exception as exc:
-            cause = root_cause(exc)
-            status = to_service_error(cause).status_code
-            if not isinstance(cause, ServiceError):
-                logger.error("stream failed: %s", type(cause).__name__, exc_info=cause)
-            yield sse_error_event(cause)
+        except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error in one place
+            error = _service_error(exc)
+            status = error.status_code
+            yield sse_error_event(error)
         finally:
             events.cancel()  # a client that went away must not keep the engine busy
             meter.finish(status)

@@ -1,9 +1,9 @@
-"""The API's edge, before any route runs: API keys, body size, and the request body's parsing.
+"""The API's edge, before any route runs: API keys, body size, the request body's parsing, error answers.
 
 `ApiEdge` is plain ASGI middleware: it checks the API key (every path but exactly `/health`; deny by default
 when keys are configured) and refuses bodies over `max_body_bytes` without buffering them. `parse_body`
 turns a route's body into a validated request model (`protocol.py`), with OpenAI-shaped 400s for anything
-else.
+else. `error_response` is every error's HTTP answer, as `errors.http_error` maps it.
 """
 
 import hashlib
@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel, ValidationError
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import API_KEYS_ENV, ApiConfig
@@ -22,11 +23,17 @@ from serve_app.errors import (
     AuthenticationError,
     InvalidRequestError,
     PayloadTooLargeError,
-    error_response,
     from_validation_error,
+    http_error,
 )
 
 HEALTH_PATH = "/health"
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The HTTP response for `exc` when nothing has been sent yet: its status, body and Retry-After."""
+    error = http_error(exc)
+    return JSONResponse(error.body, status_code=error.status_code, headers=error.headers)
 
 
 def resolve_api_keys(api: ApiConfig, environ: Mapping[str, str]) -> tuple[str, ...]:

@@ -32,7 +32,7 @@ from serve_app.protocol import (
     TokenLogprob,
     completion_id,
 )
-from serve_app.stage.chat import ChoiceDelta, UsageReport
+from serve_app.stage.processor import ChoiceDelta, UsageReport
 
 
 def sse_data(body: BaseModel) -> str:

@@ -1,10 +1,22 @@
-"""Where a configured model source lives on disk: a folder, a hub id, or the built-in tiny Llama."""
+"""A configured model source as a Hugging Face module: where its checkpoint lives, and loading it.
+
+In: `model.source` (a folder, a hub id, or the built-in tiny Llama) and `model.dtype`. Out: the checkpoint's
+`LlamaForCausalLM`, whole and on the host, as `from_pretrained` builds it; sharding it over ranks is the
+tensor-parallel group's business (`parallel/sharding.py`).
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from serve_app.config import TINY_MODEL_SOURCE
+import torch
+
+from serve_app.config import TINY_MODEL_SOURCE, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_checkpoint(source: str) -> str:
@@ -16,3 +28,12 @@ def resolve_checkpoint(source: str) -> str:
     if Path(source).expanduser().is_dir():
         return str(Path(source).expanduser())
     return source
+
+
+def load_checkpoint(model: ModelConfig) -> torch.nn.Module:
+    """The whole model in `model.dtype`, in eval mode, on the host."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_checkpoint(model.source)
+    logger.info("loading %s as %s", path, model.dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[model.dtype]).eval()

@@ -1,10 +1,13 @@
-"""A tensor-parallel group: its processes and its torch.distributed process group.
+"""A tensor-parallel group: its follower ranks' processes and its torch.distributed process group.
 
-Rank 0 lives in the process that owns the engine (the Serve replica, or a test/benchmark); ranks 1..N-1 are
-started here, either as Ray actors in the replica's placement-group bundles or, without Ray, as local
-processes. Every rank then joins one process group (`gloo` on CPU, `nccl` on GPU), loads its shard and —
-for ranks > 0 — follows rank 0's steps until told to stop. The only module that creates the placement-group
-actors and the process group.
+`TensorParallelGroup.launch` starts ranks 1..N-1 — Ray actors in the calling replica's placement-group
+bundles, or, without Ray, local processes — each running a given worker function (the engine's
+`engine/worker.py`), and says where rank 0 must join them (`address`). The object is the group's owner: it
+tells whether every follower still runs (`failure`), and stops them (`stop`). Rank 0 itself joins with
+`join_process_group` wherever its engine runs: the owner's process, or a child process of the owner's.
+
+Every rank joins one process group (`gloo` on CPU, `nccl` on GPU) with a collective timeout. The only
+module that creates the placement-group actors and the process group; it knows nothing of the engine.
 """
 
 from __future__ import annotations
@@ -14,21 +17,31 @@ import logging
 import multiprocessing
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from serve_app.config import EngineConfig, ModelConfig
+from serve_app.parallel.sharding import detach_deepspeed
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GroupAddress:
+    """Where rank 0 of a group and its followers meet."""
+
     master_addr: str
     master_port: int
     world_size: int
+
+
+# A follower rank's whole life: `worker(address, rank, device_index, model, engine)` joins (on GPU
+# `device_index` of those its process sees), loads its shard and follows rank 0 until told to stop.
+# Importable by name: Ray and `spawn` pickle it by reference.
+Worker = Callable[[GroupAddress, int, int, ModelConfig, EngineConfig], None]
 
 
 def free_address(world_size: int) -> GroupAddress:
@@ -50,16 +63,20 @@ def _node_ip() -> str:
     return "127.0.0.1"
 
 
-def join_group(address: GroupAddress, rank: int, engine: EngineConfig) -> None:
-    """Join the process group as `rank`; blocks until every rank has joined."""
+def join_process_group(address: GroupAddress, rank: int, engine: EngineConfig, *, device_index: int = 0) -> None:
+    """Join the process group as `rank`; blocks until every rank has joined.
+
+    `device_index` is this rank's GPU among those its process sees: 0 under Ray, which shows each rank's
+    process only its own GPU (CUDA_VISIBLE_DEVICES), and the rank itself in a local group on one machine.
+    """
     if engine.device == "cuda":
-        torch.cuda.set_device(0)  # Ray (or the user) sets CUDA_VISIBLE_DEVICES to this rank's GPU
+        torch.cuda.set_device(device_index)
     elif engine.cpu_threads_per_rank is not None:
         # Ranks on one machine share its cores: unbounded torch threads would oversubscribe them.
         torch.set_num_threads(engine.cpu_threads_per_rank)
     # DeepSpeed reads these to find the group it should wrap.
     os.environ.update(MASTER_ADDR=address.master_addr, MASTER_PORT=str(address.master_port), RANK=str(rank),
-                      WORLD_SIZE=str(address.world_size), LOCAL_RANK="0")
+                      WORLD_SIZE=str(address.world_size), LOCAL_RANK=str(device_index))
     if address.world_size == 1:
         return
     dist.init_process_group(
@@ -69,71 +86,78 @@ def join_group(address: GroupAddress, rank: int, engine: EngineConfig) -> None:
         timeout=datetime.timedelta(seconds=engine.collective_timeout_s))
 
 
-def leave_group() -> None:
-    from serve_app.parallel.worker import detach_deepspeed
-
+def leave_process_group() -> None:
     if dist.is_initialized():
         detach_deepspeed()
         dist.destroy_process_group()
 
 
-def run_follower(address: GroupAddress, rank: int, model: ModelConfig, engine: EngineConfig) -> None:
-    """The whole life of a rank > 0: join, load its shard, follow rank 0's steps until shutdown."""
-    # Imported here so that spawning a process does not pay for the engine's imports twice.
-    from serve_app.engine.model_runner import ModelRunner
-    from serve_app.parallel.worker import load_model
+class TensorParallelGroup:
+    """The follower ranks of one group, started and owned by one process; at tp=1 there are none."""
 
-    join_group(address, rank, engine)
-    runner = ModelRunner(load_model(model, engine, address.world_size), model, engine, rank,
-                         address.world_size)
-    runner.follow()
-    leave_group()
+    def __init__(self, address: GroupAddress, ranks: _LocalRanks | _RayRanks | None):
+        self.address = address
+        self._ranks = ranks
+
+    @classmethod
+    def launch(cls, model: ModelConfig, engine: EngineConfig, worker: Worker, *, use_ray: bool
+               ) -> TensorParallelGroup:
+        """Start ranks 1..N-1 running `worker`, waiting for rank 0 at the returned group's `address`."""
+        address = free_address(model.tensor_parallel_size)
+        if address.world_size == 1:
+            return cls(address, None)
+        return cls(address, (_RayRanks if use_ray else _LocalRanks)(address, worker, model, engine))
+
+    def failure(self) -> str | None:
+        """Which follower has ended, and how; None while all run (they only end on shutdown or failure)."""
+        return self._ranks.failure() if self._ranks is not None else None
+
+    def healthy(self) -> bool:
+        return self.failure() is None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Wait up to `timeout_s` for the followers to end (rank 0 has broadcast the shutdown, or died), then
+        kill what is left. At once (`timeout_s=0`) for a group that failed to start."""
+        if self._ranks is not None:
+            self._ranks.stop(timeout_s)
+
+    @property
+    def local_processes(self) -> list[multiprocessing.Process]:
+        """The followers' processes when they are local (tests kill them); empty under Ray."""
+        return self._ranks.processes if isinstance(self._ranks, _LocalRanks) else []
 
 
-def start_followers(model: ModelConfig, engine: EngineConfig, *, use_ray: bool
-                    ) -> tuple[GroupAddress, LocalFollowers | RayFollowers | None]:
-    """Start ranks 1..N-1 (Ray actors in the caller's placement group, or local processes) waiting for rank 0
-    at the returned address; at tp=1 there are none."""
-    address = free_address(model.tensor_parallel_size)
-    if address.world_size == 1:
-        return address, None
-    return address, (RayFollowers if use_ray else LocalFollowers)(address, model, engine)
+class _LocalRanks:
+    """Ranks 1..N-1 as local processes: tensor parallelism without Ray (tests, benchmarks, one machine)."""
 
-
-class LocalFollowers:
-    """Ranks 1..N-1 as local processes: tensor parallelism without Ray (tests, benchmarks)."""
-
-    def __init__(self, address: GroupAddress, model: ModelConfig, engine: EngineConfig):
+    def __init__(self, address: GroupAddress, worker: Worker, model: ModelConfig, engine: EngineConfig):
         context = multiprocessing.get_context("spawn")
+        # Every local process sees every GPU of the machine: rank r takes GPU r.
         self.processes = [
-            context.Process(target=run_follower, args=(address, rank, model, engine), daemon=True)
+            context.Process(target=worker, args=(address, rank, rank, model, engine), daemon=True)
             for rank in range(1, address.world_size)
         ]
         for process in self.processes:
             process.start()
 
-    def healthy(self) -> bool:
-        return self.failure() is None
-
     def failure(self) -> str | None:
-        """Which rank has ended, and how; None while all run (they only end on shutdown or failure)."""
         for rank, process in enumerate(self.processes, start=1):
             if not process.is_alive():
                 return f"rank {rank} exited with code {process.exitcode}"
         return None
 
-    def join(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout_s: float) -> None:
         for process in self.processes:
-            process.join(timeout)
+            process.join(timeout_s)
             if process.is_alive():
                 process.kill()
                 process.join(5)
 
 
-class RayFollowers:
+class _RayRanks:
     """Ranks 1..N-1 as Ray actors, one per bundle 1..N-1 of the calling replica's placement group."""
 
-    def __init__(self, address: GroupAddress, model: ModelConfig, engine: EngineConfig):
+    def __init__(self, address: GroupAddress, worker: Worker, model: ModelConfig, engine: EngineConfig):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -148,14 +172,11 @@ class RayFollowers:
                         if placement_group is not None else None)
             actor = rank_actor.options(scheduling_strategy=strategy, name=None, **resources).remote()
             self.actors.append(actor)
-            self.runs.append(actor.run.remote(address, rank, model, engine))
-
-    def healthy(self) -> bool:
-        return self.failure() is None
+            self.runs.append(actor.run.remote(worker, address, rank, model, engine))
 
     def failure(self) -> str | None:
-        """Which rank has ended, and the last line of its error; None while all run (a follower's run() only
-        returns on shutdown or failure)."""
+        """Which rank has ended, and the last line of its error (a follower's run() only returns on shutdown
+        or failure)."""
         import ray
 
         finished, _ = ray.wait(self.runs, num_returns=1, timeout=0)
@@ -164,15 +185,15 @@ class RayFollowers:
         rank = self.runs.index(finished[0]) + 1
         try:
             ray.get(finished[0])
-        except Exception as exc:  # noqa: BLE001 - described, not handled: the caller fails the group
+        except Exception as exc:  # noqa: BLE001 - described, not handled: the owner fails the group
             lines = [line for line in str(exc).splitlines() if line.strip()]
             return f"rank {rank} failed: {lines[-1].strip() if lines else type(exc).__name__}"
         return f"rank {rank} stopped"
 
-    def join(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout_s: float) -> None:
         import ray
 
-        ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout)
+        ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout_s)
         for actor in self.actors:
             ray.kill(actor)
 
@@ -180,6 +201,7 @@ class RayFollowers:
 class RankActor:
     """A Ray actor that hosts one follower rank."""
 
-    def run(self, address: GroupAddress, rank: int, model: ModelConfig, engine: EngineConfig) -> None:
+    def run(self, worker: Worker, address: GroupAddress, rank: int, model: ModelConfig,
+            engine: EngineConfig) -> None:
         logging.basicConfig(level=logging.INFO)
-        run_follower(address, rank, model, engine)
+        worker(address, rank, 0, model, engine)  # Ray shows this process only its own GPU

@@ -1,208 +1,121 @@
-"""The replica's side of the engine: admission, one async stream per call, pacing, aborts.
+"""The loop that owns a replica group's rank-0 engine, and the messages between it and the replica.
 
-Each `generate` call (all engine requests of one client request) is an async stream fed by the engine host's
-reports (`engine_host.py`: the engine in its own process, or on a thread). When the caller goes away (client
-disconnect, every choice done) the stream's `finally` aborts the requests still running, and their KV blocks
-are free after the engine's next command drain.
+`run_engine_loop` drives an `Engine` (which is not thread-safe) on one thread: between steps it applies the
+commands that arrived (`AddRequests`, `AbortRequest`, `StopEngine`); it steps while there is work and
+heartbeats while idle; after every step it sends a `StepReport` with that step's outputs, the engine's stats
+and the requests it refused. The loop is the same wherever the engine runs, and `EngineHost` is what the
+replica's `EngineClient` needs of that place:
 
-Admission is bounded: a request that would push the requests (or prompt tokens) waiting for their first
-token past `AdmissionLimits` is refused at once with `OverloadedError` (429 + Retry-After), and Serve's own
-`max_queued_requests` bounds the calls queued in front of the deployment (`BackPressureError`, 503).
+- `process_host.EngineProcess`: a child process of the replica, commands and reports over a pipe (default);
+- `thread_host.EngineThread`: a thread of the replica's process (`engine.separate_process: false`, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from serve_app.config import EngineConfig
-from serve_app.engine.engine import EngineStats
-from serve_app.engine.sequence import EngineRequest, RequestOutput
-from serve_app.errors import InvalidRequestError, OverloadedError, ServiceUnavailableError
-from serve_app.replica.engine_host import Abort, Add, EngineProcess, EngineThread, StepReport, running_loop
-
-EngineHost = EngineProcess | EngineThread
+from serve_app.engine.engine import Engine, EngineStats
+from serve_app.engine.sequence import ChoiceId, EngineRequest, RequestOutput
+from serve_app.errors import ServiceError
 
 logger = logging.getLogger(__name__)
 
 
-def client_request(request_id: str) -> str:
-    """The client request an engine request belongs to: the stage names choice j of request r `r-j`."""
-    return request_id.rsplit("-", 1)[0]
+@dataclass(frozen=True)
+class AddRequests:
+    """One call's requests (a client request's `n` choices and prompts): in one command, so the engine admits
+    them in the same step."""
 
-
-class EngineFailed(ServiceUnavailableError):
-    """The engine has stopped or failed; the replica is unhealthy and Serve will replace it. A client gets a
-    503 with Retry-After: another replica group, or this one's replacement, can serve the retry."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, retry_after=1.0)
+    requests: list[EngineRequest]
 
 
 @dataclass(frozen=True)
-class StreamPacing:
-    """How often one stream may send once its first token is out (that one always goes at once).
-
-    Every message costs CPU in each deployment it crosses (serialization, an event-loop wake-up, an SSE
-    write), and on the same cores as the engine. With `messages_per_s`, the interval grows with the number
-    of open streams, so the replica group's message rate stays bounded however many streams are open,
-    while a lone stream sends as often as `1 / messages_per_s` (every step, with the GPU configs' budget).
-    """
-
-    min_interval_s: float = 0.0
-    messages_per_s: float | None = None
-    max_interval_s: float = 0.25
-
-    def interval(self, open_streams: int) -> float:
-        adaptive = open_streams / self.messages_per_s if self.messages_per_s else 0.0
-        return min(max(self.min_interval_s, adaptive), max(self.max_interval_s, self.min_interval_s))
-
-    @classmethod
-    def from_config(cls, engine: EngineConfig) -> StreamPacing:
-        return cls(engine.stream_interval_s, engine.stream_messages_per_s, engine.stream_max_interval_s)
+class AbortRequest:
+    choice: ChoiceId
 
 
 @dataclass(frozen=True)
-class AdmissionLimits:
-    """How much may wait for its first token; a request past either bound is refused, not queued."""
-
-    max_waiting_requests: int
-    max_waiting_tokens: int
-    retry_after_s: float = 1.0
+class StopEngine:
+    pass
 
 
-class EngineLoop:
-    """The bridge from an engine host (`EngineProcess` or `EngineThread`) to asyncio streams: admission,
-    one stream per `generate` call, pacing, and aborting what a closed stream leaves running."""
+Command = AddRequests | AbortRequest | StopEngine
 
-    def __init__(self, host: EngineHost, limits: AdmissionLimits | None = None,
-                 pacing: StreamPacing | None = None):
-        """Starts `host`, and raises what building its engine raised."""
-        self.host = host
-        self.limits = limits
-        self.pacing = pacing or StreamPacing()
-        # Requests added but without a first output yet (the engine's waiting queue plus prefills in
-        # flight), with their prompt lengths. Touched only from the event loop that calls `generate`.
-        self._waiting: dict[str, int] = {}
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._open_calls = 0  # `generate` streams open: what pacing divides the message budget among
-        self._failure: EngineFailed | None = None
-        self._stats: EngineStats | None = None
-        host.start(self._on_report)
 
-    @property
+@dataclass(frozen=True)
+class StepReport:
+    """What the engine sends its replica after building, after each step, and after applying commands."""
+
+    stats: EngineStats | None
+    outputs: list[RequestOutput] = field(default_factory=list)
+    refused: dict[ChoiceId, ServiceError] = field(default_factory=dict)  # why the engine refused a choice
+    failure: str | None = None  # the engine failed (its traceback, for the log); nothing follows this report
+
+
+ReportSink = Callable[[StepReport], None]
+
+
+class EngineHost(Protocol):
+    """Where the engine runs, as the replica's `EngineClient` sees it."""
+
+    def start(self, on_report: ReportSink, loop: asyncio.AbstractEventLoop) -> None:
+        """Build the engine and start its loop; raise what building raised. Every report, the first (after
+        building) included, is handed to `on_report` on `loop`, the event loop the streams run on."""
+
+    def send(self, command: Command) -> None:
+        """Queue a command for the engine loop; never blocks the caller."""
+
     def alive(self) -> bool:
-        return self.host.alive() and self._failure is None
+        """The engine loop runs."""
 
     def healthy(self) -> bool:
-        """The engine runs and every rank of its tensor-parallel group is there."""
-        return self.alive and self.host.healthy()
-
-    @property
-    def stats(self) -> EngineStats:
-        return self._stats
-
-    @property
-    def num_waiting(self) -> int:
-        """Client requests admitted whose engine requests have not all produced a first token."""
-        return len({client_request(request_id) for request_id in self._waiting})
-
-    def _admit(self, requests: list[EngineRequest]) -> None:
-        """Refuse a call the waiting queue has no room for. A call's requests (the `n` choices of one client
-        request, and each of its prompts) are admitted together, and a lone call is always admitted."""
-        limits, tokens = self.limits, sum(len(request.prompt_token_ids) for request in requests)
-        waiting_groups = {client_request(request_id) for request_id in self._waiting}
-        if limits is not None and waiting_groups and (
-            len(waiting_groups) >= limits.max_waiting_requests
-            or sum(self._waiting.values()) + tokens > limits.max_waiting_tokens
-        ):
-            raise OverloadedError("The server is overloaded: too many requests are waiting. Please retry "
-                                  "shortly.", retry_after=limits.retry_after_s)
-        for request in requests:
-            self._waiting[request.request_id] = len(request.prompt_token_ids)
-
-    async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestOutput]]:
-        """One stream for all of a client request's engine requests, so one replica group admits and runs
-        them all; each message carries whatever any of them produced since the last one. Closing the stream
-        aborts those still running."""
-        if not self.alive:
-            raise EngineFailed("The model's engine is not running. Please retry.")
-        clock = asyncio.get_running_loop()
-        self.host.attach(clock)
-        self._admit(requests)
-        outputs: asyncio.Queue = asyncio.Queue()
-        for request in requests:
-            self._streams[request.request_id] = (clock, outputs)
-        self.host.send(Add(requests))
-        unfinished = {request.request_id for request in requests}
-        self._open_calls += 1
-        try:
-            if self._failure is not None:  # failed after the check above, before this stream was known
-                raise EngineFailed("The model's engine is not running. Please retry.") from self._failure
-            last_sent = None  # the first message goes at once
-            while unfinished:
-                batch = [await outputs.get()]
-                if last_sent is not None and isinstance(batch[-1], RequestOutput) and not batch[-1].finished:
-                    hold = last_sent + self.pacing.interval(self._open_calls) - clock.time()
-                    if hold > 0:
-                        await asyncio.sleep(hold)  # let later steps join this message
-                while not outputs.empty():
-                    batch.append(outputs.get_nowait())
-                for item in batch:
-                    if isinstance(item, ValueError):  # the engine refused a request itself
-                        raise InvalidRequestError(str(item)) from None
-                    if isinstance(item, EngineFailed):
-                        raise EngineFailed("The model's engine failed while running this request. Please "
-                                           "retry.") from item
-                    self._waiting.pop(item.request_id, None)
-                    if item.finished:
-                        unfinished.discard(item.request_id)
-                last_sent = clock.time()
-                yield batch
-        finally:
-            self._open_calls -= 1
-            for request in requests:
-                self._waiting.pop(request.request_id, None)
-                self._streams.pop(request.request_id, None)
-            for request_id in unfinished:
-                self.host.send(Abort(request_id))
+        """The engine loop runs and every rank of its tensor-parallel group is there."""
 
     def stop(self) -> None:
-        self.host.stop()
-
-    def _on_report(self, report: StepReport) -> None:
-        """On the host's thread or the streams' event loop: hand each stream its share of a step."""
-        if report.stats is not None:
-            self._stats = report.stats
-        deliveries: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list]] = {}
-
-        def deliver(request_id: str, item: RequestOutput | BaseException) -> None:
-            stream = self._streams.get(request_id)
-            if stream is not None:
-                deliveries.setdefault(id(stream[1]), (*stream, []))[2].append(item)
-
-        for request_id, reason in report.refused.items():
-            deliver(request_id, ValueError(reason))
-        for output in report.outputs:
-            deliver(output.request_id, output)
-        if report.failure is not None and self._failure is None:  # the first report of a failure is the cause
-            logger.warning("the engine stopped:\n%s", report.failure)
-            self._failure = EngineFailed(f"the engine failed: {report.failure.strip().splitlines()[-1]}")
-        if self._failure is not None:
-            for request_id in list(self._streams):
-                deliver(request_id, self._failure)
-        here = running_loop()
-        for loop, outputs, items in deliveries.values():
-            if loop is here:
-                _put_all(outputs, items)
-            elif not loop.is_closed():  # a closed loop's streams are gone with it
-                loop.call_soon_threadsafe(_put_all, outputs, items)
+        """Stop the engine (its group with it); a last report with a `failure` fails the open streams."""
 
 
-def _put_all(outputs: asyncio.Queue, items: list) -> None:
-    for item in items:
-        outputs.put_nowait(item)
+def run_engine_loop(engine: Engine, heartbeat_interval_s: float,
+                    next_command: Callable[[float], Command | None], report: ReportSink) -> None:
+    """Drive `engine` until `StopEngine` arrives or it fails; then shut its tensor-parallel group down.
 
-
+    `next_command(timeout)` returns the next command, waiting up to `timeout` seconds for one (0: only one
+    already there), or None. A failure is reported, not raised: whoever waits on a stream must hear of it.
+    """
+    try:
+        while True:
+            idle = not engine.has_unfinished()
+            refused: dict[ChoiceId, ServiceError] = {}
+            applied = False
+            command = next_command(heartbeat_interval_s if idle else 0)
+            while command is not None:
+                if isinstance(command, StopEngine):
+                    return
+                if isinstance(command, AbortRequest):
+                    engine.abort_request(command.choice)
+                else:
+                    for request in command.requests:
+                        try:
+                            engine.add_request(request)
+                        except ServiceError as error:
+                            refused[request.choice] = error
+                applied = True
+                command = next_command(0)
+            if idle and not applied:
+                engine.heartbeat()  # a dead rank surfaces as a collective timeout, not a silent hang
+                continue
+            outputs = engine.step() if engine.has_unfinished() else []
+            report(StepReport(engine.stats(), outputs, refused))
+    except BaseException:  # reported to every stream, then the group is shut down
+        logger.exception("engine loop failed")
+        report(StepReport(None, failure=traceback.format_exc()))
+    finally:
+        try:  # release the followers rather than leave them waiting in a collective
+            engine.shutdown()
+        except Exception:
+            logger.warning("the tensor-parallel group did not shut down cleanly", exc_info=True)

@@ -43,11 +43,6 @@ def render_chat_prompt(
     return ids
 
 
-def render_chat_text(messages: list[ChatMessage]) -> str:
-    """The same prompt as text, with BOS and EOS written `<s>` and `</s>` (for logs and tests)."""
-    return "".join(f"<s>{text}</s>" if finished else f"<s>{text}" for text, finished in _pieces(messages))
-
-
 def _pieces(messages: list[ChatMessage]) -> list[tuple[str, bool]]:
     """The texts to encode one by one, each with whether it is a finished exchange (ends with EOS)."""
     turns = _turns(messages)

@@ -1,8 +1,9 @@
-"""Serve wrapper of the sampling/postprocessing stage: CPU-only, scaled apart from the GPU replicas.
+"""The sampling/postprocessing stage's Serve deployment: CPU-only, scaled apart from the GPU replicas.
 
-`max_queued_requests` is bounded by default (a config's `deployments.stage` may override it), so a flood of
-requests is refused by Serve at once (`BackPressureError`, mapped to 503 + Retry-After by the ingress)
-instead of queueing without end.
+A thin wrapper over `processor.ChatProcessor`, which reaches the replica group through this deployment's
+handle. `max_queued_requests` is bounded by default (a config's `deployments.stage` may override it), so a
+flood of requests is refused by Serve at once (`BackPressureError`, mapped to 503 + Retry-After by the
+ingress) instead of queueing without end.
 """
 
 from __future__ import annotations
@@ -18,28 +19,28 @@ from serve_app.config import AppConfig
 from serve_app.engine.sequence import EngineRequest
 from serve_app.models.checkpoint import resolve_checkpoint
 from serve_app.protocol import ChatCompletionRequest, CompletionRequest
-from serve_app.stage.chat import ChatStage, StageEvent
+from serve_app.stage.processor import ChatProcessor, StageEvent
 
 STAGE_MAX_QUEUED_REQUESTS = 256
 
 
 @serve.deployment(name="ChatStage", max_queued_requests=STAGE_MAX_QUEUED_REQUESTS)
-class Stage:
+class ChatStage:
     def __init__(self, config: AppConfig, replica: DeploymentHandle):
         logging.basicConfig(level=logging.INFO)
         # Not AutoTokenizer: transformers 5 maps Llama checkpoints to a tokenizer class that replaces the
         # tokenizer.json normalizer with its own and mis-encodes leading spaces (31/46 reference vectors).
         tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_checkpoint(config.model.source))
         self.replica = replica
-        self.stage = ChatStage(tokenizer, config.model, config.pricing, self._generate, config.api)
+        self.processor = ChatProcessor(tokenizer, config.model, config.pricing, self._generate, config.api)
 
     def _generate(self, requests: list[EngineRequest]):
         return self.replica.generate.options(stream=True).remote(requests)
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[StageEvent]]:
-        async for events in self.stage.chat(request):
+        async for events in self.processor.chat(request):
             yield events
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[list[StageEvent]]:
-        async for events in self.stage.complete(request):
+        async for events in self.processor.complete(request):
             yield events

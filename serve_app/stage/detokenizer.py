@@ -46,12 +46,6 @@ class IncrementalDetokenizer:
         self._anchor = tokenizer.encode("a", add_special_tokens=False)
         self._prefix_ids: list[int] = []  # emitted by the previous step: the window's context
         self._pending_ids: list[int] = []  # not emitted yet
-        self._deltas: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far (the concatenated deltas)."""
-        return "".join(self._deltas)
 
     def push(self, token_ids: list[int]) -> str:
         """The text that `token_ids`, the newly generated tokens, add; "" while it is held back."""
@@ -81,7 +75,6 @@ class IncrementalDetokenizer:
         # `ready` ends with a non-byte token (or generation is over), so as the next window's start it
         # never cuts a byte run in two.
         self._prefix_ids, self._pending_ids = ready, self._pending_ids[count:]
-        self._deltas.append(delta)
         return delta
 
     def _decode(self, ids: list[int]) -> str:

@@ -69,28 +69,32 @@ def _chat(base: str) -> httpx.Response:
                       json={"model": MODEL, "messages": HELLO, "max_tokens": 4})
 
 
+def _eventually(condition, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition was not reached"
+        time.sleep(0.5)
+
+
 def test_a_dead_engine_is_a_503_until_serve_replaces_its_replica_group(crash_app):
     assert _chat(crash_app).status_code == 200
     (engine,) = _engine_processes()
     os.kill(engine, signal.SIGKILL)
-    killed_at = time.monotonic()
-    time.sleep(0.5)  # the replica reads the end of its pipe
 
-    refused = _chat(crash_app)
+    # The replica reads the end of its pipe; from then on its requests are refused with a retryable 503.
+    answers: list[httpx.Response] = []
+    _eventually(lambda: answers.append(_chat(crash_app)) or answers[-1].status_code != 200)
+    refused = answers[-1]
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["code"] == "service_unavailable"
-    assert httpx.get(f"{crash_app}/health", timeout=10).status_code == 503
     with pytest.raises(openai.InternalServerError):  # what the official client raises for it
         openai.OpenAI(base_url=f"{crash_app}/v1", api_key="none", max_retries=0).chat.completions.create(
             model=MODEL, messages=HELLO, max_tokens=4)
+    # The group says so on the status board: with no other group, the application is not ready.
+    _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 503)
 
-    # Serve's health check (every 2 s, three failures in a row) marks the group unhealthy and starts a new one.
-    deadline = killed_at + 180
-    while _chat(crash_app).status_code != 200:
-        assert time.monotonic() < deadline, "the replica group was not replaced"
-        time.sleep(0.5)
-    recovered_s = time.monotonic() - killed_at
-    print(f"answering again {recovered_s:.1f} s after the engine was killed")
-    # At Serve's default period (10 s) this took ~30 s; a tiny group loads in a few seconds.
-    assert recovered_s < 25
+    # Serve's health check (every 2 s, three failures in a row) marks the group unhealthy and starts a new one
+    # (how long that takes is measured in docs/benchmarks.md, not asserted here).
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+    _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
     assert len(_engine_processes()) == 1  # the new group's engine; the dead one's replica is gone

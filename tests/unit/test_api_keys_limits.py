@@ -11,14 +11,22 @@ from starlette.testclient import TestClient
 from serve_app.config import ApiConfig
 from serve_app.engine.engine import EngineStats
 from serve_app.engine.sampling_params import SamplingParams
-from serve_app.engine.sequence import EngineRequest
-from serve_app.errors import AuthenticationError, OverloadedError, error_response, mask_key, to_service_error
-from serve_app.ingress.edge import _digest, configure_api, key_is_valid, parse_body, resolve_api_keys
+from serve_app.engine.sequence import ChoiceId, EngineRequest
+from serve_app.errors import AuthenticationError, OverloadedError, mask_key, to_service_error
+from serve_app.ingress.edge import (
+    _digest,
+    configure_api,
+    error_response,
+    key_is_valid,
+    parse_body,
+    resolve_api_keys,
+)
 from serve_app.metrics import ServiceMetrics
 from serve_app.protocol import Usage
-from serve_app.replica.engine_host import EngineThread
-from serve_app.replica.engine_loop import AdmissionLimits, EngineLoop
-from serve_app.stage.chat import ChoiceDelta, UsageReport
+from serve_app.replica.engine_client import AdmissionLimits, EngineClient
+from serve_app.replica.engine_loop import AbortRequest, AddRequests, StepReport
+from serve_app.stage.processor import ChoiceDelta, UsageReport
+from serve_app.status_board import GroupStatus
 
 KEY = "sk-unit-0123456789abcdef"
 
@@ -102,67 +110,71 @@ def test_overload_and_backpressure_map_to_429_and_503_with_retry_after():
     assert to_service_error(RuntimeError("secret path /etc")).message.startswith("The server had an error")
 
 
-class IdleEngine:
-    """Enough of `Engine` for `EngineLoop`: requests are accepted and never stepped."""
+class IdleHost:
+    """An engine host for `EngineClient` whose engine takes every request and never steps it."""
 
     def __init__(self):
-        self.added: list[str] = []
-        self.aborted: list[str] = []
+        self.commands: list = []
 
-    def stats(self):
-        return EngineStats(0, len(self.added), 0.0, 1, 1, 0)
+    def start(self, on_report, loop):
+        on_report(StepReport(EngineStats(0, 0, 0.0, 1, 1, 0)))
 
-    def has_unfinished(self):
-        return False
+    def send(self, command):
+        self.commands.append(command)
 
-    def add_request(self, request_id, prompt, params):
-        self.added.append(request_id)
+    def alive(self):
+        return True
 
-    def abort_request(self, request_id):
-        self.aborted.append(request_id)
+    def healthy(self):
+        return True
 
-    def heartbeat(self):
+    def stop(self):
         pass
 
-    def shutdown(self):
-        pass
+
+async def _let_tasks_run() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
 
 
 def test_admission_bounds_waiting_requests_and_tokens_and_admits_choices_together():
-    engine = IdleEngine()
-    loop = EngineLoop(EngineThread(engine, heartbeat_interval_s=0.05), limits=AdmissionLimits(2, 100, retry_after_s=3))
+    host = IdleHost()
 
-    def request(name: str, tokens: int = 10) -> EngineRequest:
-        return EngineRequest(name, [1] * tokens, SamplingParams(max_tokens=4))
+    def request(name: str, index: int = 0, tokens: int = 10) -> EngineRequest:
+        return EngineRequest(ChoiceId(name, index), [1] * tokens, SamplingParams(max_tokens=4))
 
     async def run():
-        # Client request a's three choices come in one call, and are admitted as one waiting request.
-        streams = [loop.generate([request("a-0"), request("a-1"), request("a-2")]), loop.generate([request("b-0")])]
+        client = EngineClient(host, limits=AdmissionLimits(2, 100, retry_after_s=3))
+        # Client request a's three choices come in one call, and are admitted as one waiting request: b, the
+        # second, still fits under the bound of 2, and c does not.
+        streams = [client.generate([request("a", 0), request("a", 1), request("a", 2)]),
+                   client.generate([request("b")])]
         pending = [asyncio.ensure_future(stream.__anext__()) for stream in streams]
-        await asyncio.sleep(0.05)
-        assert loop.num_waiting == 2  # a (three choices) and b
+        await _let_tasks_run()
+        assert not any(task.done() for task in pending)  # both admitted, waiting for a first token
+        assert [len(c.requests) for c in host.commands if isinstance(c, AddRequests)] == [3, 1]
         with pytest.raises(OverloadedError) as error:
-            await loop.generate([request("c-0")]).__anext__()
+            await client.generate([request("c")]).__anext__()
         assert error.value.retry_after == 3
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         for stream in streams:
-            await stream.aclose()  # a stream that goes away aborts its engine request
-        await asyncio.sleep(0.1)
-        assert loop.num_waiting == 0
-        big = loop.generate([request("d-0", tokens=90)])
+            await stream.aclose()  # a stream that goes away aborts its engine requests
+        # Nothing waits any more: a 90-token request is admitted, and then 20 more tokens are too many.
+        big = client.generate([request("d", tokens=90)])
         first = asyncio.ensure_future(big.__anext__())
-        await asyncio.sleep(0.02)
+        await _let_tasks_run()
+        assert not first.done()
         with pytest.raises(OverloadedError):  # 90 + 20 tokens > 100
-            await loop.generate([request("e-0", tokens=20)]).__anext__()
+            await client.generate([request("e", tokens=20)]).__anext__()
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
         await big.aclose()
 
     asyncio.run(run())
-    loop.stop()
-    assert set(engine.aborted) >= {"a-0", "a-1", "a-2", "b-0"}
+    aborted = {command.choice for command in host.commands if isinstance(command, AbortRequest)}
+    assert aborted >= {ChoiceId("a", 0), ChoiceId("a", 1), ChoiceId("a", 2), ChoiceId("b", 0)}
 
 
 def test_request_meter_times_tokens_and_counts_usage():
@@ -180,11 +192,16 @@ def test_request_meter_times_tokens_and_counts_usage():
     assert 'llama_serve_e2e_request_latency_seconds_sum{route="chat"} 1.0' in text
     assert 'llama_serve_requests_total{route="chat",status="200"} 1.0' in text
     assert "llama_serve_prompt_tokens_total 10.0" in text and "llama_serve_generation_tokens_total 3.0" in text
-    metrics.set_engine_stats(EngineStats(3, 1, 0.25, 30, 40, 2, prefix_cache_query_tokens=500,
-                                         prefix_cache_hit_tokens=320))
+    stats = EngineStats(3, 1, 0.25, 30, 40, 2, prefix_cache_query_tokens=500, prefix_cache_hit_tokens=320)
+    metrics.set_groups([GroupStatus("g1", True, stats, 0.0), GroupStatus("g2", False, None, 0.0)])
     text = metrics.render().decode()
-    assert "llama_serve_num_requests_running 3.0" in text and "llama_serve_kv_cache_usage_ratio 0.25" in text
-    assert "llama_serve_prefix_cache_hit_tokens 320.0" in text
+    assert 'llama_serve_num_sequences_running{replica="g1"} 3.0' in text
+    assert 'llama_serve_kv_cache_usage_ratio{replica="g1"} 0.25' in text
+    assert 'llama_serve_prefix_cache_hit_tokens{replica="g1"} 320.0' in text
+    assert 'llama_serve_replica_group_healthy{replica="g1"} 1.0' in text
+    assert 'llama_serve_replica_group_healthy{replica="g2"} 0.0' in text
+    metrics.set_groups([GroupStatus("g2", True, stats, 0.0)])  # g1 is gone from the board: so are its series
+    assert 'replica="g1"' not in metrics.render().decode()
 
 
 def test_a_tool_call_delta_becomes_an_openai_chunk():

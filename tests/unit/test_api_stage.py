@@ -1,4 +1,4 @@
-"""ChatStage without Ray: /v1/completions and chat share one loop; tools in and tool calls out; limits."""
+"""The stage's ChatProcessor without Ray: /v1/completions and chat share one loop; tools in and tool calls out; limits."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from serve_app.config import ApiConfig, ModelConfig, PricingConfig
 from serve_app.engine.sequence import EngineRequest, FinishReason, RequestOutput
 from serve_app.errors import ContextLengthExceededError, InvalidRequestError
 from serve_app.protocol import ChatCompletionRequest, CompletionRequest
-from serve_app.stage.chat import ChatStage, ChoiceDelta, UsageReport
+from serve_app.stage.processor import ChatProcessor, ChoiceDelta, UsageReport
 from serve_app.stage.tools import may_become_tool_call, parse_tool_calls, with_tools
 
 MODEL = "tiny"
@@ -38,16 +38,16 @@ def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest]):
                 if i < len(tokens):
                     last = i == len(tokens) - 1
                     reason = (FinishReason.LENGTH if len(tokens) < len(ids) else FinishReason.STOP) if last else None
-                    batch.append(RequestOutput(request.request_id, [tokens[i]], finished=last, finish_reason=reason))
+                    batch.append(RequestOutput(request.choice, [tokens[i]], finish_reason=reason))
             if batch:
                 yield batch
 
     return generate
 
 
-def make_stage(tokenizer, reply: str, seen: list, **api) -> ChatStage:
+def make_stage(tokenizer, reply: str, seen: list, **api) -> ChatProcessor:
     model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
-    return ChatStage(tokenizer, model, PricingConfig(), scripted_engine(tokenizer, reply, seen), ApiConfig(**api))
+    return ChatProcessor(tokenizer, model, PricingConfig(), scripted_engine(tokenizer, reply, seen), ApiConfig(**api))
 
 
 def collect(stream) -> list:
@@ -171,12 +171,11 @@ def test_a_stop_string_inside_a_coalesced_batch_ends_usage_at_its_token(tokenize
 
     async def one_batch(requests: list[EngineRequest]):
         (request,) = requests
-        yield [RequestOutput(request.request_id, [token], finished=i == len(ids) - 1,
-                             finish_reason=FinishReason.STOP if i == len(ids) - 1 else None)
+        yield [RequestOutput(request.choice, [token], finish_reason=FinishReason.STOP if i == len(ids) - 1 else None)
                for i, token in enumerate(ids)]
 
     model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
-    stage = ChatStage(tokenizer, model, PricingConfig(), one_batch, ApiConfig())
+    stage = ChatProcessor(tokenizer, model, PricingConfig(), one_batch, ApiConfig())
     request = ChatCompletionRequest.model_validate(
         {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stop": ["friend"]})
     events = collect(stage.chat(request))
@@ -204,22 +203,20 @@ def test_choices_share_one_engine_call_and_a_stopped_choice_does_not_hold_the_re
     calls, steps_sent, closed = [], [], []
 
     async def generate(requests: list[EngineRequest]):
-        calls.append([request.request_id for request in requests])
+        calls.append([request.choice for request in requests])
         first, second = requests
         try:
             for i in range(len(stopping)):
-                batch = [RequestOutput(first.request_id, [stopping[i]], finished=i == len(stopping) - 1,
-                                       finish_reason=FinishReason.LENGTH if i == len(stopping) - 1 else None)]
+                batch = [RequestOutput(first.choice, [stopping[i]], finish_reason=FinishReason.LENGTH if i == len(stopping) - 1 else None)]
                 if i < len(plain):
-                    batch.append(RequestOutput(second.request_id, [plain[i]], finished=i == len(plain) - 1,
-                                               finish_reason=FinishReason.STOP if i == len(plain) - 1 else None))
+                    batch.append(RequestOutput(second.choice, [plain[i]], finish_reason=FinishReason.STOP if i == len(plain) - 1 else None))
                 steps_sent.append(i)
                 yield batch
         finally:
             closed.append(True)
 
     model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
-    stage = ChatStage(tokenizer, model, PricingConfig(), generate, ApiConfig())
+    stage = ChatProcessor(tokenizer, model, PricingConfig(), generate, ApiConfig())
     request = ChatCompletionRequest.model_validate(
         {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "n": 2, "stop": ["END"]})
     events = collect(stage.chat(request))
@@ -235,9 +232,9 @@ def test_choices_share_one_engine_call_and_a_stopped_choice_does_not_hold_the_re
 
 def test_an_engine_stream_that_ends_early_is_an_error_not_a_silent_reply(tokenizer):
     async def cut_short(requests: list[EngineRequest]):
-        yield [RequestOutput(requests[0].request_id, [tokenizer.encode("Hi", add_special_tokens=False)[0]])]
+        yield [RequestOutput(requests[0].choice, [tokenizer.encode("Hi", add_special_tokens=False)[0]])]
 
-    stage = ChatStage(tokenizer, ModelConfig(source="x", served_model_id=MODEL, max_model_len=512), PricingConfig(),
+    stage = ChatProcessor(tokenizer, ModelConfig(source="x", served_model_id=MODEL, max_model_len=512), PricingConfig(),
                       cut_short, ApiConfig())
     request = ChatCompletionRequest.model_validate({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
     with pytest.raises(RuntimeError, match="ended before every choice finished"):

@@ -67,7 +67,7 @@ def test_requests_queued_at_handles_count_as_load():
 
 
 def test_replica_metrics_are_plain_floats():
-    stats = SimpleNamespace(num_running=3, num_waiting=1, kv_cache_usage=0.25)
+    stats = SimpleNamespace(num_sequences_running=3, num_sequences_waiting=1, kv_cache_usage=0.25)
     assert engine_load_metrics(stats) == {ENGINE_RUNNING: 3.0, ENGINE_WAITING: 1.0, KV_CACHE_USAGE: 0.25}
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from serve_app.config import EngineConfig, ModelConfig
-from serve_app.engine.engine import Engine, build_engine
+from serve_app.engine.engine import Engine, start_engine
+from serve_app.engine.sampler import PenaltyTable, SamplingBatch, sample
 from serve_app.engine.sampling_params import SamplingParams
-from serve_app.engine.sequence import FinishReason
+from serve_app.engine.sequence import ChoiceId, EngineRequest, FinishReason, Sequence
+from serve_app.errors import InvalidRequestError
 
 MAX_NEW = 24
 
@@ -34,7 +37,11 @@ def _engine(checkpoint, tp: int = 1, *, kv_cache_bytes: int = 64 * 2**20, max_mo
     engine = EngineConfig(device="cpu", kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, collective_timeout_s=60,
                           heartbeat_interval_s=5, decode_gather_tokens=decode_gather_tokens)
-    return build_engine(model, engine)
+    return start_engine(model, engine)
+
+
+def _request(name: str, prompt: list[int], params: SamplingParams) -> EngineRequest:
+    return EngineRequest(ChoiceId(name, 0), prompt, params)
 
 
 def _run(engine: Engine, prompts: list[list[int]], *, stagger: int = 0, max_new: int = MAX_NEW,
@@ -48,11 +55,11 @@ def _run(engine: Engine, prompts: list[list[int]], *, stagger: int = 0, max_new:
         if pending and (stagger == 0 or steps % stagger == 0):
             batch = pending if stagger == 0 else pending[:1]
             for index, prompt in batch:
-                engine.add_request(f"r{index}", prompt, params)
+                engine.add_request(_request(f"r{index}", prompt, params))
                 results[f"r{index}"] = []
             pending = pending[len(batch):]
         for output in engine.step():
-            results[output.request_id].extend(output.new_token_ids)
+            results[output.choice.request_id].extend(output.new_token_ids)
         steps += 1
     return results
 
@@ -98,7 +105,8 @@ def test_long_prompt_is_prefilled_in_chunks_alongside_decodes(engine_tp1, refere
 
 
 def test_max_tokens_finishes_with_length(engine_tp1):
-    engine_tp1.add_request("len", [1, 15043], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+    engine_tp1.add_request(_request("len", [1, 15043], SamplingParams(max_tokens=5, temperature=0.0,
+                                                                       ignore_eos=True)))
     outputs = []
     while engine_tp1.has_unfinished():
         outputs.extend(engine_tp1.step())
@@ -107,10 +115,11 @@ def test_max_tokens_finishes_with_length(engine_tp1):
 
 
 def test_abort_frees_blocks_at_once(engine_tp1):
-    engine_tp1.add_request("gone", _random_prompts(1, seed=4)[0], SamplingParams(max_tokens=50, temperature=0))
+    engine_tp1.add_request(_request("gone", _random_prompts(1, seed=4)[0], SamplingParams(max_tokens=50,
+                                                                                           temperature=0)))
     engine_tp1.step()
     assert engine_tp1.stats().num_free_blocks < engine_tp1.stats().num_blocks
-    assert engine_tp1.abort_request("gone")
+    assert engine_tp1.abort_request(ChoiceId("gone", 0))
     stats = engine_tp1.stats()
     assert stats.num_free_blocks == stats.num_blocks and not engine_tp1.has_unfinished()
 
@@ -147,28 +156,28 @@ def test_tensor_parallel_two_ranks_match_generate(tiny_checkpoint, reference):
 
 
 def test_a_dead_rank_fails_the_group_loudly_instead_of_hanging(tiny_checkpoint):
-    import time
-
     engine = _engine(tiny_checkpoint, tp=2)
-    engine.add_request("doomed", [1, 15043, 29991], SamplingParams(max_tokens=50, temperature=0))
+    engine.add_request(_request("doomed", [1, 15043, 29991], SamplingParams(max_tokens=50, temperature=0)))
     engine.step()
-    for process in engine.followers.processes:
+    for process in engine.group.local_processes:
         process.kill()
         process.join()
     assert not engine.healthy()
-    started = time.monotonic()
-    with pytest.raises(RuntimeError):
+
+    def step_until_done() -> None:
         while engine.has_unfinished():
             engine.step()
-    assert time.monotonic() - started < 60  # the collective timeout, not forever
+
+    # The next collective fails within the group's timeout (60 s here) instead of waiting forever; the bound
+    # below only keeps a regression from hanging the suite.
+    with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError):
+        pool.submit(step_until_done).result(timeout=600)
     with pytest.raises(RuntimeError):
         engine.shutdown()  # cannot reach the dead rank, but still leaves the process group
 
 
 def test_penalties_kept_on_device_match_counting_from_token_ids(tiny_checkpoint, reference):
     """Incremental on-device penalty statistics give the tokens a from-scratch count gives, through preemption."""
-    from serve_app.engine.sampler import SamplingBatch, sample
-
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, repetition_penalty=1.5,
                             frequency_penalty=0.7, presence_penalty=0.4)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
@@ -178,7 +187,9 @@ def test_penalties_kept_on_device_match_counting_from_token_ids(tiny_checkpoint,
         with torch.no_grad():
             for _ in range(MAX_NEW):
                 logits = model(torch.tensor([prompt + output])).logits[:, -1]
-                batch = SamplingBatch.build([params], [None], [prompt], [output], 32000, torch.device("cpu"))
+                table = PenaltyTable(1, 32000, torch.device("cpu"))  # a fresh one: counted from scratch
+                stats = table.stats(table.slots([Sequence(ChoiceId("x", 0), prompt, params, list(output))]))
+                batch = SamplingBatch.build([params], [None], 32000, torch.device("cpu"), stats)
                 output.append(int(sample(logits, batch).token_ids[0]))
         return output
 
@@ -190,17 +201,19 @@ def test_penalties_kept_on_device_match_counting_from_token_ids(tiny_checkpoint,
         for index, prompt in enumerate(prompts):
             assert results[f"r{index}"] == expected(prompt)
         assert any(results[f"r{i}"] != reference(p) for i, p in enumerate(prompts))  # penalties did act
-        assert engine.penalties._slots == {}  # every slot was released
+        assert engine.sampler.penalties.num_held == 0  # every slot was released
     finally:
         engine.shutdown()
 
 
 def test_a_request_the_engine_cannot_serve_is_refused_alone(engine_tp1):
-    with pytest.raises(ValueError, match="vocabulary"):
-        engine_tp1.add_request("bad-bias", [1, 15043], SamplingParams(max_tokens=2, logit_bias={40000: 5.0}))
-    with pytest.raises(ValueError, match="prompt"):
-        engine_tp1.add_request("too-long", [1] * 1024, SamplingParams(max_tokens=2))
-    engine_tp1.add_request("fine", [1, 15043], SamplingParams(max_tokens=2, temperature=0))
+    with pytest.raises(InvalidRequestError, match="vocabulary") as refused:
+        engine_tp1.add_request(_request("bad-bias", [1, 15043], SamplingParams(max_tokens=2,
+                                                                                logit_bias={40000: 5.0})))
+    assert refused.value.param == "logit_bias"
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        engine_tp1.add_request(_request("too-long", [1] * 1024, SamplingParams(max_tokens=2)))
+    engine_tp1.add_request(_request("fine", [1, 15043], SamplingParams(max_tokens=2, temperature=0)))
     while engine_tp1.has_unfinished():
         engine_tp1.step()
 

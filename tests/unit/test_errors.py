@@ -18,11 +18,11 @@ from serve_app.errors import (
     ServiceError,
     ServiceUnavailableError,
     error_body,
-    error_response,
     from_validation_error,
     sse_error_event,
     to_service_error,
 )
+from serve_app.ingress.edge import error_response
 from serve_app.protocol import ChatCompletionRequest
 
 ERROR_KEYS = {"message", "type", "param", "code"}

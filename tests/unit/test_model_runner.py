@@ -13,12 +13,13 @@ import torch
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine import model_runner
-from serve_app.engine.engine import build_engine
+from serve_app.engine.engine import start_engine
 from serve_app.engine.model_runner import ModelRunner, StepInput, largest_steps
 from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import ChoiceId, EngineRequest
+from serve_app.engine.worker import load_rank_model
+from serve_app.layers.attention import group_decode_rows
 from serve_app.models import llama
-from serve_app.models.llama import group_decode_rows
-from serve_app.parallel.worker import load_model
 
 
 def _shape(step: StepInput) -> dict[str, int]:
@@ -65,7 +66,7 @@ def test_no_step_the_scheduler_makes_is_larger_than_the_warm_up(tiny_checkpoint,
                         max_model_len=max_model_len)
     engine_config = EngineConfig(device="cpu", kv_cache_bytes=8 * 2**20, max_num_seqs=max_num_seqs,
                                  max_num_batched_tokens=budget)
-    engine = build_engine(model, engine_config)
+    engine = start_engine(model, engine_config)
     seen: list[dict[str, int]] = []
     execute = engine.runner.execute
     monkeypatch.setattr(engine.runner, "execute", lambda step: seen.append(_shape(step)) or execute(step))
@@ -74,8 +75,8 @@ def test_no_step_the_scheduler_makes_is_larger_than_the_warm_up(tiny_checkpoint,
         for index in range(24):
             prompt_len = generator.randint(2, max_model_len - 2)
             prompt = [generator.randrange(3, 32000) for _ in range(prompt_len)]
-            engine.add_request(f"r{index}", prompt, SamplingParams(max_tokens=max_model_len - prompt_len,
-                                                                   temperature=0.0, ignore_eos=True))
+            params = SamplingParams(max_tokens=max_model_len - prompt_len, temperature=0.0, ignore_eos=True)
+            engine.add_request(EngineRequest(ChoiceId(f"r{index}", 0), prompt, params))
         while engine.has_unfinished():
             engine.step()
     finally:
@@ -104,7 +105,7 @@ def test_the_engine_warms_up_on_its_largest_steps_before_serving(tiny_checkpoint
 
     monkeypatch.setattr(llama, "forward", counting_forward)
     with caplog.at_level(logging.INFO, logger="serve_app.engine.model_runner"):
-        ModelRunner(load_model(model, engine, 1), model, engine, rank=0, world_size=1)
+        ModelRunner(load_rank_model(model, engine, 1), model, engine, rank=0, world_size=1)
     assert steps == [32, 512, 512]  # on CPU the budget is explicit: each step once, on the real cache
     assert "warm-up: 512 tokens: 31 decode rows and 1 prefill chunk of up to 481 tokens, all at 1024 tokens " \
            "of context in" in caplog.text
@@ -118,7 +119,7 @@ def test_an_engine_that_cannot_run_its_largest_steps_refuses_to_start(tiny_check
 
     monkeypatch.setattr(llama, "forward", out_of_memory)
     with pytest.raises(RuntimeError, match="warm-up step") as refused:
-        ModelRunner(load_model(model, engine, 1), model, engine, rank=0, world_size=1)
+        ModelRunner(load_rank_model(model, engine, 1), model, engine, rank=0, world_size=1)
     message = str(refused.value)
     assert "8 tokens: 8 decode rows" in message and "out of memory" in message
     for setting in ("engine.max_num_batched_tokens", "engine.max_num_seqs", "model.max_model_len"):
@@ -131,7 +132,7 @@ def test_on_a_gpu_the_kv_budget_leaves_room_for_the_measured_peak(tiny_checkpoin
     outside torch's allocator. Only the right order (free read after the steps, with the probe gone) gives
     the budget below."""
     model, engine = _configs(tiny_checkpoint, max_num_seqs=8, max_num_batched_tokens=256)
-    runner = ModelRunner(load_model(model, engine, 1), model, engine, rank=0, world_size=1)
+    runner = ModelRunner(load_rank_model(model, engine, 1), model, engine, rank=0, world_size=1)
     gib = 2**30
     probes: list[weakref.ref] = []
     device = {"allocated": 14 * gib, "peak": 0, "nccl": 0, "ran": []}
@@ -188,7 +189,7 @@ def test_on_cpu_small_steps_run_on_one_thread_and_larger_ones_on_all(tiny_checkp
     given = torch.get_num_threads()
     torch.set_num_threads(2)  # what join_group sets from cpu_threads_per_rank
     try:
-        runner = ModelRunner(load_model(model, engine, 1), model, engine, rank=0, world_size=1)
+        runner = ModelRunner(load_rank_model(model, engine, 1), model, engine, rank=0, world_size=1)
         monkeypatch.setattr(llama, "forward", recording_forward)
         for query_lens in ([1], [1] * 8, [1], [40]):  # a lone decode, a batch of 8, a lone decode, a prefill
             runner._run(model_runner._step_of(query_lens, 64, engine.block_size))

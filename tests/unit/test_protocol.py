@@ -325,6 +325,7 @@ def test_to_sampling_params() -> None:
         logit_bias={15043: 5.0, 2: -100.0},
         logprobs=True,
         top_logprobs=3,
+        stop=("\n",),  # matched on text by the replica and the stage
     )
     assert parse().to_sampling_params(max_tokens=10) == SamplingParams(max_tokens=10)
 

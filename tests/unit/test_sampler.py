@@ -19,13 +19,16 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from serve_app.engine.sampler import (
+    PenaltyTable,
     SamplingBatch,
     apply_top_k_top_p,
     process_logits,
     sample,
     sampling_probs,
+    uses_penalties,
 )
 from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import ChoiceId, Sequence
 
 CPU = torch.device("cpu")
 # Derandomized so CI sees the same examples every run; few examples because each is a whole batch.
@@ -96,9 +99,17 @@ def ref_distribution(logits: np.ndarray, p: SamplingParams, prompt: list[int],
 def build(params: list[SamplingParams], vocab_size: int, prompts: list[list[int]] | None = None,
           outputs: list[list[int]] | None = None,
           generators: list[torch.Generator | None] | None = None) -> SamplingBatch:
+    """The batch the engine's `Sampler` builds for rows with these token histories: penalty statistics from a
+    `PenaltyTable` filled from them, as for sequences sampling for the first time."""
     empty: list[list[int]] = [[] for _ in params]
-    return SamplingBatch.build(params, generators or [None] * len(params), prompts or empty, outputs or empty,
-                               vocab_size, CPU)
+    prompts, outputs = prompts or empty, outputs or empty
+    stats = None
+    if any(uses_penalties(p) for p in params):
+        table = PenaltyTable(len(params), vocab_size, CPU)
+        seqs = [Sequence(ChoiceId("row", i), list(prompt), p, output_token_ids=list(output))
+                for i, (p, prompt, output) in enumerate(zip(params, prompts, outputs, strict=True))]
+        stats = table.stats(table.slots(seqs))
+    return SamplingBatch.build(params, generators or [None] * len(params), vocab_size, CPU, stats)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -392,7 +403,7 @@ def run_steps(target_at: int, batch_size: int, steps: int = 20, vocab: int = 64)
         logits = torch.randn(batch_size, vocab, generator=noise) * 3
         # The target sees the same logits in every layout, as the same request would.
         logits[target_at] = torch.randn(vocab, generator=seeded(1000 + step)) * 2
-        batch = SamplingBatch.build(params, generators, [[1, 2, 3]] * batch_size, outputs, vocab, CPU)
+        batch = build(params, vocab, [[1, 2, 3]] * batch_size, outputs, generators)
         for row, token in enumerate(sample(logits, batch).token_ids.tolist()):
             outputs[row].append(token)
     return outputs[target_at]
@@ -469,8 +480,3 @@ def test_cheap_path_skips_every_stage() -> None:
         assert not batch.want_logprobs and batch.num_top_logprobs == 0
     assert greedy.all_greedy and not greedy.shared_noise
     assert not plain.all_greedy and plain.shared_noise
-
-
-def test_logit_bias_outside_the_vocabulary_is_refused() -> None:
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        build([SamplingParams(max_tokens=1, logit_bias={10: 1.0})], 10)

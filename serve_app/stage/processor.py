@@ -1,4 +1,4 @@
-"""The sampling/postprocessing stage's work for one request, without Ray.
+"""The sampling/postprocessing stage's work for one request, without Ray: `ChatProcessor`.
 
 In: a validated `ChatCompletionRequest` (`chat`) or `CompletionRequest` (`complete`). Out: a stream of
 `StageEvent`s — text deltas (or tool calls) per choice, each choice's finish reason, and one `UsageReport`
@@ -9,7 +9,7 @@ prompt, check the context budget and the request limits, and build per-choice `S
 generation loop shared by both routes: incremental detokenization, stop strings (held back until they
 cannot match, never returned), finish reasons, logprobs in OpenAI's shape, tool calls parsed from a finished
 reply, usage and cost. The engine is reached through an injected `generate` function, so tests drive this
-class with a fake engine.
+class with a fake engine; `deployment.ChatStage` is its Serve wrapper.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from serve_app.config import ApiConfig, ModelConfig, PricingConfig
 from serve_app.engine.sampling_params import SamplingParams
-from serve_app.engine.sequence import EngineRequest, FinishReason, RequestOutput
-from serve_app.engine.sequence import TokenLogprob as EngineLogprob
+from serve_app.engine.sequence import ChoiceId, EngineRequest, FinishReason, RequestOutput, SampleLogprobs
 from serve_app.errors import ContextLengthExceededError, InvalidRequestError
 from serve_app.protocol import (
     ChatCompletionRequest,
@@ -73,7 +72,9 @@ class _Prompt:
     echo: str = ""
 
 
-class ChatStage:
+class ChatProcessor:
+    """Requests in, engine requests to the replica group, and the replica's outputs back as `StageEvent`s."""
+
     def __init__(self, tokenizer, model: ModelConfig, pricing: PricingConfig, generate: EngineGenerate,
                  api: ApiConfig | None = None):
         self.tokenizer = tokenizer
@@ -81,7 +82,6 @@ class ChatStage:
         self.pricing = pricing
         self.generate = generate
         self.api = api or ApiConfig()
-        self.vocab_size = len(tokenizer)
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -119,10 +119,6 @@ class ChatStage:
         limit = self.model.max_model_len
         if len(prompt) >= limit or (max_tokens is not None and len(prompt) + max_tokens > limit):
             raise ContextLengthExceededError(len(prompt), max_tokens, limit, param=param)
-        for token_id in request.logit_bias or {}:
-            if int(token_id) >= self.vocab_size:
-                raise InvalidRequestError(f"Token id {token_id} is outside the vocabulary (size "
-                                          f"{self.vocab_size})", param="logit_bias")
         return max_tokens or limit - len(prompt)
 
     def _encode(self, text: str) -> list[int]:
@@ -147,12 +143,13 @@ class ChatStage:
         """`n` choices per prompt (choice index = prompt index * n + j), streamed as they come.
 
         All choices go to the replica group in one call, so one group admits and runs them together. A choice
-        that ends on a stop string is done here at once; its engine request runs on until the call ends, when
-        every choice is done. With `parse_tools`, a choice's text is held while it may still be a tool call
-        (only the whole reply says whether it is one); a reply whose start rules that out streams as usual.
+        that ends on a stop string is ended there too (the replica matches stop strings as this stage does),
+        while the others run on. With `parse_tools`, a choice's text is held while it may still be a tool
+        call (only the whole reply says whether it is one); a reply whose start rules that out streams as
+        usual.
         """
         request_id = uuid.uuid4().hex
-        choices: dict[str, _Choice] = {}
+        choices: dict[ChoiceId, _Choice] = {}
         for p, prompt in enumerate(prompts):
             for j in range(request.n):
                 index = p * request.n + j
@@ -160,17 +157,17 @@ class ChatStage:
                 # Each choice is its own engine sequence; seeded requests get seed + j so that n choices
                 # differ from each other but each one reproduces.
                 params = base if base.seed is None or j == 0 else _with_seed(base, base.seed + j)
-                engine_request = EngineRequest(f"{request_id}-{index}", prompt.token_ids, params)
-                choices[engine_request.request_id] = _Choice(
+                engine_request = EngineRequest(ChoiceId(request_id, index), prompt.token_ids, params)
+                choices[engine_request.choice] = _Choice(
                     self, index, engine_request, prompt.echo, request.stop or [], logprobs, parse_tools)
         stream = self.generate([choice.engine_request for choice in choices.values()])
         try:
             async for outputs in stream:
-                by_choice: dict[str, list[RequestOutput]] = {}
+                by_choice: dict[ChoiceId, list[RequestOutput]] = {}
                 for output in outputs:
-                    by_choice.setdefault(output.request_id, []).append(output)
-                events = [event for request_id, outs in by_choice.items()
-                          if (event := choices[request_id].push(outs)) is not None]
+                    by_choice.setdefault(output.choice, []).append(output)
+                events = [event for choice, outs in by_choice.items()
+                          if (event := choices[choice].push(outs)) is not None]
                 if all(choice.done for choice in choices.values()):
                     prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
                     completion_tokens = sum(choice.completion_tokens for choice in choices.values())
@@ -189,7 +186,7 @@ class ChatStage:
         """OpenAI's per-token logprobs for the tokens in `outputs`, in order."""
         return [self._logprob_entry(entry) for output in outputs for entry in output.logprobs or []]
 
-    def _logprob_entry(self, entry: EngineLogprob) -> TokenLogprob:
+    def _logprob_entry(self, entry: SampleLogprobs) -> TokenLogprob:
         token, raw = self._token_text(entry.token_id)
         top = [TopLogprob(token=text, logprob=value, bytes=raw_bytes)
                for text, raw_bytes, value in ((*self._token_text(i), v) for i, v in entry.top)]
@@ -209,11 +206,11 @@ class _Choice:
     """One choice on its way back: incremental detokenizing, stop strings (held back until they cannot match,
     never returned), finish reason, logprobs, and the tool calls of a finished reply."""
 
-    def __init__(self, stage: ChatStage, index: int, engine_request: EngineRequest, echo: str,
+    def __init__(self, processor: ChatProcessor, index: int, engine_request: EngineRequest, echo: str,
                  stop: list[str], logprobs: bool, parse_tools: Callable[[str], list[ToolCall] | None] | None):
-        self.stage, self.index, self.engine_request = stage, index, engine_request
+        self.processor, self.index, self.engine_request = processor, index, engine_request
         self.logprobs, self.parse_tools = logprobs, parse_tools
-        self.detokenizer = IncrementalDetokenizer(stage.tokenizer)
+        self.detokenizer = IncrementalDetokenizer(processor.tokenizer)
         self.stops = StopStringMatcher(stop)
         self.has_stop_strings = bool(stop)
         # Text, logprobs and tokens not sent yet (the echoed prompt goes out with the first delta).
@@ -224,7 +221,7 @@ class _Choice:
     def push(self, outputs: list[RequestOutput]) -> ChoiceDelta | None:
         """Take this choice's outputs from one message; the delta to send now, if any."""
         if self.done:
-            return None  # ended on a stop string; the engine request runs on until the call ends
+            return None  # ended on a stop string: what the engine made after it is not the reply's
         new_tokens = [t for output in outputs for t in output.new_token_ids]
         if self.has_stop_strings:
             # One token at a time, so a stop string completed mid-batch ends the count (usage) and the
@@ -249,7 +246,7 @@ class _Choice:
             text += tail if stopped else tail + self.stops.flush()
             reason = FinishReason.STOP.value if stopped else last.finish_reason.value
         self.held_text += text
-        self.held_logprobs += self.stage.token_logprobs(outputs)[:used] if self.logprobs else []
+        self.held_logprobs += self.processor.token_logprobs(outputs)[:used] if self.logprobs else []
         self.done = reason is not None
         if self.parse_tools is not None and not may_become_tool_call(self.held_text):
             self.parse_tools = None  # plain text: stream it like any reply

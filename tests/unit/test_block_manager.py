@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from serve_app.engine.kv_cache import BlockManager
+from serve_app.engine.block_manager import BlockManager
 from serve_app.engine.sampling_params import SamplingParams
-from serve_app.engine.sequence import Sequence
+from serve_app.engine.sequence import ChoiceId, Sequence
 
 BLOCK = 16
 
 
 def _seq(tokens: list[int], name: str = "s") -> Sequence:
-    return Sequence(name, list(tokens), SamplingParams(max_tokens=8))
+    return Sequence(ChoiceId(name, 0), list(tokens), SamplingParams(max_tokens=8))
 
 
 def _compute_all(manager: BlockManager, seq: Sequence) -> None:

@@ -1,0 +1,180 @@
+"""Attention over a paged KV cache: the cache's storage, one step's attention metadata, and the attention.
+
+In: a layer's queries, keys and values for the step's flat token list (`[heads, T, head_dim]`), and the
+step's `AttentionBatch` (where each sequence's tokens sit, its context length, its block table). Out: the
+attention output for every token, with the step's keys and values written into the cache first.
+
+`KVCache` is one rank's storage, one key and one value tensor per layer shaped
+`[num_blocks, block_size, kv_heads_on_this_rank, head_dim]`, so a token's slot is
+`block * block_size + offset`. Which blocks belong to whom is the engine's bookkeeping
+(`engine/block_manager.py`); this module only reads and writes the slots it is given.
+
+Steps are ragged, never padded: prefill chunks are attended one sequence at a time (a causal mask offset
+by the cached context when the chunk reads cached context), and single-token decode rows together, in
+calls grouped by context length (`group_decode_rows`) over their blocks gathered from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class KVCacheShape:
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int  # on this rank
+    head_dim: int
+
+    def bytes_per_block(self, dtype: torch.dtype) -> int:
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+
+
+def num_blocks_for_budget(budget_bytes: int, *, num_layers: int, block_size: int, num_kv_heads: int,
+                          head_dim: int, dtype: torch.dtype) -> int:
+    per_block = KVCacheShape(num_layers, 1, block_size, num_kv_heads, head_dim).bytes_per_block(dtype)
+    return budget_bytes // per_block
+
+
+class KVCache:
+    """Key/value storage for every layer on one rank, preallocated once."""
+
+    def __init__(self, shape: KVCacheShape, dtype: torch.dtype, device: torch.device):
+        self.shape = shape
+        size = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
+        self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+        self.values = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store `[T, heads, head_dim]` keys and values at flat slot indices `[T]`."""
+        flat = (-1, self.shape.num_kv_heads, self.shape.head_dim)
+        self.keys[layer].view(flat).index_copy_(0, slots, keys)
+        self.values[layer].view(flat).index_copy_(0, slots, values)
+
+    def read(self, layer: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` keys and values of one sequence, `[length, heads, head_dim]` each."""
+        flat = (-1, self.shape.num_kv_heads, self.shape.head_dim)
+        keys = self.keys[layer].index_select(0, block_table).view(flat)[:length]
+        values = self.values[layer].index_select(0, block_table).view(flat)[:length]
+        return keys, values
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.shape.num_blocks * self.shape.block_size
+
+
+@dataclass
+class DecodeGroup:
+    """Decode rows attended in one call: every row's blocks are gathered up to the group's longest row."""
+
+    tokens: torch.Tensor  # [R] each row's token index in the step
+    blocks: torch.Tensor  # [R * W] their block tables, flat, W = blocks of the group's longest row
+    valid: torch.Tensor  # [R, 1, 1, W * block_size] True where a row has context
+
+
+@dataclass
+class AttentionBatch:
+    """Where each sequence's tokens sit in the flat step, and how much context each one has.
+
+    `query_starts[b]:query_starts[b+1]` are sequence b's tokens in this step; `context_lens[b]` is its cache
+    length after this step (so its first new token is at position `context_lens[b] - query_len`). Built once
+    per step, so no layer recomputes these or syncs with the device.
+    """
+
+    query_starts: list[int]
+    context_lens: list[int]
+    block_tables: torch.Tensor  # [B, max_blocks], padded with 0
+    slots: torch.Tensor  # [T] flat cache slot of every token in the step
+    # Decode rows (one query token with earlier context) are attended in batched calls, a group per call.
+    decode_rows: frozenset[int]
+    decode_groups: list[DecodeGroup]
+    causal_masks: dict[int, torch.Tensor]  # prefill rows with cached context: their offset causal mask
+
+    @classmethod
+    def build(cls, query_starts: list[int], context_lens: list[int], block_tables: torch.Tensor,
+              slots: torch.Tensor, block_size: int, decode_gather_tokens: int) -> AttentionBatch:
+        device = block_tables.device
+        rows = [b for b in range(len(context_lens))
+                if query_starts[b + 1] - query_starts[b] == 1 and context_lens[b] > 1]
+        groups = []
+        for group in group_decode_rows(rows, context_lens, block_size, decode_gather_tokens):
+            width = -(-context_lens[group[-1]] // block_size)  # the group's longest row is its last
+            lens = torch.tensor([context_lens[b] for b in group], device=device)
+            groups.append(DecodeGroup(
+                tokens=torch.tensor([query_starts[b] for b in group], device=device),
+                blocks=block_tables[group, :width].flatten(),
+                valid=(torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]))
+        masks = {}
+        for b, context_len in enumerate(context_lens):
+            query_len = query_starts[b + 1] - query_starts[b]
+            if 1 < query_len:
+                key_pos = torch.arange(context_len, device=device)
+                query_pos = torch.arange(context_len - query_len, context_len, device=device)
+                masks[b] = key_pos[None, :] <= query_pos[:, None]
+        return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), groups, masks)
+
+
+def group_decode_rows(rows: list[int], context_lens: list[int], block_size: int, max_tokens: int
+                      ) -> list[list[int]]:
+    """`rows`, shortest context first, cut into groups whose gather (rows x the longest row's blocks, in tokens)
+    stays within `max_tokens`; a row longer than that alone is a group of its own.
+
+    One call for every decode row would pad each row to the batch's longest: with one long conversation in a
+    batch of short ones, nearly all of the gathered cache is padding, read and attended for nothing, and its
+    transient memory grows with rows x the longest context. By length, short rows share a short call.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for row in sorted(rows, key=lambda b: context_lens[b]):
+        padded = -(-context_lens[row] // block_size) * block_size
+        if current and (len(current) + 1) * padded > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(row)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, layer: int,
+                    batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """Write the step's keys and values into the cache, then attend every query token over its context.
+
+    `q` is `[q_heads, T, D]`, `k` and `v` `[kv_heads, T, D]` (grouped-query attention when the head counts
+    differ); the result is `[q_heads, T, D]`.
+    """
+    kv_cache.write(layer, batch.slots, k.transpose(0, 1), v.transpose(0, 1))
+    out = torch.empty_like(q)
+    gqa = q.shape[0] != k.shape[0]
+    for b, context_len in enumerate(batch.context_lens):
+        if b in batch.decode_rows:
+            continue
+        start, stop = batch.query_starts[b], batch.query_starts[b + 1]
+        if stop - start == context_len:  # the whole context is in this step: no cache read needed
+            keys, values = k[:, start:stop], v[:, start:stop]
+        else:
+            keys, values = kv_cache.read(layer, batch.block_tables[b], context_len)
+            keys, values = keys.transpose(0, 1), values.transpose(0, 1)
+        out[:, start:stop] = F.scaled_dot_product_attention(
+            q[:, start:stop], keys, values, attn_mask=batch.causal_masks.get(b), scale=scale, enable_gqa=gqa)
+    for group in batch.decode_groups:
+        _batched_decode(q, out, kv_cache, layer, group, scale, gqa)
+    return out
+
+
+def _batched_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: KVCache, layer: int, group: DecodeGroup,
+                    scale: float, gqa: bool) -> None:
+    """One attention call for a group of single-token rows: gather their blocks, mask each past its length."""
+    shape = (group.tokens.numel(), -1, kv_cache.shape.num_kv_heads, kv_cache.shape.head_dim)
+    # index_select on the flat block list copies whole blocks; advanced indexing is ~3x slower on CPU.
+    keys = kv_cache.keys[layer].index_select(0, group.blocks).view(shape).transpose(1, 2)
+    values = kv_cache.values[layer].index_select(0, group.blocks).view(shape).transpose(1, 2)
+    queries = q[:, group.tokens].transpose(0, 1).unsqueeze(2)  # [R, Hq, 1, D]
+    result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.valid, scale=scale,
+                                            enable_gqa=gqa)
+    out[:, group.tokens] = result.squeeze(2).transpose(0, 1)

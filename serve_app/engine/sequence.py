@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from serve_app.engine.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True, slots=True)
-class ChoiceId:
+class ChoiceId(NamedTuple):
     """Choice `index` of client request `request_id`: one engine sequence, end to end (stage, replica,
-    engine, and back)."""
+    engine, and back). A named tuple: it is hashed and pickled for every token, and a tuple's hash and
+    pickling run in C."""
 
     request_id: str
     index: int
@@ -79,7 +80,7 @@ class Sequence:
         return (self.prompt_token_ids + self.output_token_ids)[start:stop]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class SampleLogprobs:
     """The log-probability of one sampled token and, when asked for, the best alternatives, by token id."""
 
@@ -88,7 +89,7 @@ class SampleLogprobs:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-@dataclass(slots=True)
+@dataclass
 class RequestOutput:
     """What one engine step (or several, coalesced by the replica) produced for one choice: new tokens only.
 

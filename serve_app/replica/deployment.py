@@ -26,7 +26,7 @@ from serve_app.replica.engine_client import AdmissionLimits, EngineClient, Strea
 from serve_app.replica.process_host import ENGINE_TITLE, EngineProcess
 from serve_app.replica.thread_host import EngineThread
 
-REPLICA_MAX_QUEUED_REQUESTS = 128
+REPLICA_MAX_QUEUED_REQUESTS = 64
 # Serve replaces a replica after three failed health checks in a row; `check_health` only reads local state,
 # so checking often costs nothing and takes a dead group out of the router's choices sooner.
 REPLICA_HEALTH_CHECK_PERIOD_S = 2.0
@@ -49,7 +49,7 @@ class LlamaReplica:
         # The stage's tokenizer, so that a stop string ends its choice in the engine where the stage cuts it.
         tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_checkpoint(model.source))
         limits = AdmissionLimits(api.max_waiting_requests, api.max_waiting_tokens, api.retry_after_s)
-        self.client = EngineClient(host, limits, StreamPacing.from_config(engine), tokenizer)
+        self.client = EngineClient(host, limits, StreamPacing.from_config(engine), tokenizer, engine.step_timeout_s)
         self.reporter = ReplicaReporter(replica.app_name, replica.replica_tag,
                                         lambda: (self.client.stats, self.client.healthy()))
 

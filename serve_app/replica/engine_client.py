@@ -12,6 +12,11 @@ one async stream of `RequestOutput` batches for them, fed by the engine host's `
   command drain.
 - **Aborts**: when the caller goes away (client disconnect, every choice done) the stream's `finally`
   aborts the choices still running.
+- **A watchdog**: once a second it checks that the engine makes progress while streams wait on it (a step
+  that takes longer than `step_timeout_s` is a hung engine: a CUDA or NCCL hang, where no collective times
+  out at tp=1) and that every rank of its group is there. Either failure fails every open stream with a 503,
+  kills the engine, and makes the replica unhealthy, so Serve replaces it; new requests are admitted only
+  while the engine is healthy.
 """
 
 from __future__ import annotations
@@ -84,18 +89,23 @@ class StopStringWatch:
         return None
 
 
+WATCHDOG_PERIOD_S = 1.0
+
+
 class EngineClient:
     """The bridge from an engine host (`EngineProcess` or `EngineThread`) to asyncio streams."""
 
     def __init__(self, host: EngineHost, limits: AdmissionLimits | None = None,
-                 pacing: StreamPacing | None = None, tokenizer=None):
+                 pacing: StreamPacing | None = None, tokenizer=None, step_timeout_s: float | None = None):
         """Starts `host` (building its engine), and raises what building raised. Call it on the event loop
         that will run the streams. `tokenizer` lets stop strings end choices in the engine; without it a
-        stopped choice runs on until its stream closes."""
+        stopped choice runs on until its stream closes. `step_timeout_s`: the longest the engine may go
+        without finishing a step while streams wait on it (None: no watchdog)."""
         self.host = host
         self.limits = limits
         self.pacing = pacing or StreamPacing()
         self._tokenizer = tokenizer
+        self._step_timeout_s = step_timeout_s
         # Choices added but without a first output yet (the engine's waiting queue plus prefills in flight),
         # with their prompt lengths.
         self._waiting: dict[ChoiceId, int] = {}
@@ -105,7 +115,11 @@ class EngineClient:
         self._open_calls = 0  # `generate` streams open: what pacing divides the message budget among
         self._failure: EngineUnavailableError | None = None
         self._stats: EngineStats | None = None
-        host.start(self._on_report, asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        host.start(self._on_report, self._loop)
+        # When the engine last showed progress: its last report, or when streams began to wait on it.
+        self._progress_at = self._loop.time()
+        self._watchdog = self._loop.call_later(WATCHDOG_PERIOD_S, self._watch_engine)
 
     @property
     def alive(self) -> bool:
@@ -115,11 +129,34 @@ class EngineClient:
         """The engine runs and every rank of its tensor-parallel group is there."""
         return self.alive and self.host.healthy()
 
+    def _watch_engine(self) -> None:
+        """Once a second, on the streams' event loop: fail a hung or broken engine loudly."""
+        if self._failure is not None:
+            return
+        stalled_s = self._loop.time() - self._progress_at
+        if self._step_timeout_s is not None and self._streams and stalled_s > self._step_timeout_s:
+            self._fail(f"The model's engine has not finished a step in {stalled_s:.0f} s (engine.step_timeout_s="
+                       f"{self._step_timeout_s:g}). Please retry.")
+        elif self.host.alive() and not self.host.healthy():
+            self._fail("A tensor-parallel rank of the model's engine has died. Please retry.")
+        else:
+            self._watchdog = self._loop.call_later(WATCHDOG_PERIOD_S, self._watch_engine)
+            return
+        self.host.kill()
+
+    def _fail(self, message: str) -> None:
+        """The engine is gone for this replica group: every open stream, and every later call, gets a 503."""
+        logger.error("%s", message)
+        self._failure = EngineUnavailableError(message)
+        for choice in list(self._streams):
+            self._deliver(choice, self._failure)
+
     @property
     def stats(self) -> EngineStats:
         return self._stats
 
     def stop(self) -> None:
+        self._watchdog.cancel()
         self.host.stop()
 
     def _admit(self, requests: list[EngineRequest]) -> None:
@@ -141,9 +178,11 @@ class EngineClient:
         them all; each message carries whatever any of them produced since the last one. Closing the stream
         aborts those still running."""
         if not self.alive:
-            raise EngineUnavailableError("The model's engine is not running. Please retry.")
+            raise self._failure or EngineUnavailableError("The model's engine is not running. Please retry.")
         clock = asyncio.get_running_loop()
         self._admit(requests)
+        if not self._streams:  # the engine was idle: its progress is counted from now
+            self._progress_at = clock.time()
         outputs: asyncio.Queue = asyncio.Queue()
         for request in requests:
             self._streams[request.choice] = outputs
@@ -182,6 +221,7 @@ class EngineClient:
 
     def _on_report(self, report: StepReport) -> None:
         """On the streams' event loop: hand each stream its share of a step."""
+        self._progress_at = self._loop.time()
         if report.stats is not None:
             self._stats = report.stats
         for choice, error in report.refused.items():
@@ -191,9 +231,8 @@ class EngineClient:
                 self._deliver(output.choice, self._watch(output))
         if report.failure is not None and self._failure is None:  # the first report of a failure is the cause
             logger.warning("the engine stopped:\n%s", report.failure)
-            self._failure = EngineUnavailableError(
-                f"The model's engine failed ({report.failure.strip().splitlines()[-1]}). Please retry.")
-        if self._failure is not None:
+            self._fail(f"The model's engine failed ({report.failure.strip().splitlines()[-1]}). Please retry.")
+        elif self._failure is not None:
             for choice in list(self._streams):
                 self._deliver(choice, self._failure)
 

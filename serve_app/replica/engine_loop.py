@@ -79,6 +79,9 @@ class EngineHost(Protocol):
     def stop(self) -> None:
         """Stop the engine (its group with it); a last report with a `failure` fails the open streams."""
 
+    def kill(self) -> None:
+        """Stop the engine now, without waiting for it (it may be hung, reading no command), and its group."""
+
 
 def run_engine_loop(engine: Engine, heartbeat_interval_s: float,
                     next_command: Callable[[float], Command | None], report: ReportSink) -> None:

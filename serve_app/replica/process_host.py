@@ -142,6 +142,13 @@ class EngineProcess:
     def healthy(self) -> bool:
         return self.alive() and self.group.healthy()
 
+    def kill(self) -> None:
+        """SIGKILL the engine's process (a hung one frees its GPU with it) and its followers; its pipe's end
+        of file then fails the streams."""
+        self._stopping = True
+        self._process.kill()
+        self.group.stop(timeout_s=0.0)
+
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the engine (its group shuts down with it), release the followers; open streams fail."""
         if self._stopping:

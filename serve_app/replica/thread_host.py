@@ -80,6 +80,13 @@ class EngineThread:
     def healthy(self) -> bool:
         return self.alive() and self.engine is not None and self.engine.healthy()
 
+    def kill(self) -> None:
+        """A thread cannot be killed: the loop is told to stop (if it ever reads again) and the followers are
+        killed, which fails a step waiting on them; the thread ends with the process, which Serve replaces."""
+        self.send(StopEngine())
+        if self.engine is not None and self.engine.group is not None:
+            self.engine.group.stop(timeout_s=0.0)
+
     def stop(self) -> None:
         """Stop the engine (its group shuts down with it); open streams fail."""
         self.send(StopEngine())

@@ -231,3 +231,23 @@ def test_a_follower_that_dies_while_the_group_starts_fails_the_start_at_once(run
     with pytest.raises(RuntimeError, match="rank 1 exited with code -9"):
         runner.run(_client(host))
     assert not _running(host.pid)
+
+
+def test_killing_a_hung_engine_process_ends_it_and_its_followers_at_once(runner, tiny_checkpoint):
+    """What the watchdog does to a hung engine: no StopEngine (a hung loop reads none), SIGKILL for the engine
+    process and its follower ranks, and the open streams fail."""
+    client = _start(runner, tiny_checkpoint, tp=2)
+    followers = client.host.group.local_processes
+
+    async def stream_until_killed() -> None:
+        stream = client.generate([_request("h", PROMPTS[0], _greedy(400))])
+        await stream.__anext__()
+        client.host.kill()
+        async for _ in stream:
+            pass
+
+    with pytest.raises(EngineUnavailableError):
+        runner.run(asyncio.wait_for(stream_until_killed(), timeout=120))
+    assert runner.run(_eventually(lambda: not _running(client.host.pid)))
+    assert runner.run(_eventually(lambda: not any(follower.is_alive() for follower in followers)))
+    assert not client.alive

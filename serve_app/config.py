@@ -76,6 +76,11 @@ class EngineConfig(StrictModel):
         120.0, gt=0, description="A rank that does not answer a collective in this time fails the group.")
     heartbeat_interval_s: float = Field(
         5.0, gt=0, description="An idle group exchanges a heartbeat this often, so hung ranks are noticed.")
+    step_timeout_s: float | None = Field(
+        120.0, gt=0, description="The engine watchdog: a step that takes longer while streams wait on it (a hung "
+        "kernel or collective) fails the replica group: its streams get a 503, its engine is killed and Serve "
+        "replaces the group. Leave room for the slowest step the group makes (the first ones after start "
+        "compile kernels on a GPU). None: no watchdog.")
 
     @model_validator(mode="after")
     def _cpu_needs_a_budget(self) -> EngineConfig:
@@ -106,6 +111,10 @@ class DeploymentOptions(StrictModel):
 
 
 API_KEYS_ENV = "LLAMA_SERVE_API_KEYS"
+API_KEYS_FILE_ENV = "LLAMA_SERVE_API_KEYS_FILE"
+# Bytes of request body allowed per token of context when `api.max_body_bytes` is not set: room for a
+# context's worth of text even when every character is JSON-escaped, and no more.
+BODY_BYTES_PER_CONTEXT_TOKEN = 128
 
 
 class ApiConfig(StrictModel):
@@ -117,8 +126,16 @@ class ApiConfig(StrictModel):
     api_keys: list[str] = Field(
         default_factory=list,
         description=f"Accepted `Authorization: Bearer` keys, added to the comma-separated keys in the "
-        f"`{API_KEYS_ENV}` environment variable. With no key from either, the API is open.")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="Larger request bodies get 413.")
+        f"`{API_KEYS_ENV}` environment variable and the lines of the file `{API_KEYS_FILE_ENV}` names. With "
+        "no key from any of them, the API is open. Keys written here are printed back by `serve config` and "
+        "Serve's REST API: deployments take them from a secret, through the environment or the file.")
+    require_api_keys: bool = Field(
+        False, description="Refuse to start without at least one key: for deployments reachable from outside "
+        "the node, where a missing secret must not leave the API open.")
+    max_body_bytes: int | None = Field(
+        None, ge=1024, description="Larger request bodies get 413. None: "
+        f"{BODY_BYTES_PER_CONTEXT_TOKEN} bytes per token of `model.max_model_len` (at least 64 KiB), enough for "
+        "a full context of JSON-escaped text, so no request makes the stage tokenize far more than fits.")
     max_messages: int = Field(256, ge=1, description="Most messages in one chat request (400 beyond).")
     max_prompts: int = Field(16, ge=1, description="Most prompts in one `/v1/completions` request.")
     max_n: int = Field(8, ge=1, le=128, description="Most choices (`n`) one request may ask for; each is a "
@@ -130,6 +147,12 @@ class ApiConfig(StrictModel):
         65536, ge=1, description="Prompt tokens of those waiting requests, per replica group (429 beyond).")
     retry_after_s: float = Field(
         1.0, gt=0, description="The Retry-After sent when the engine refuses a request (429).")
+    first_token_timeout_s: float | None = Field(
+        None, gt=0, description="A request whose first token has not come in this time (it waited for capacity) "
+        "is refused with 504 `request_timeout` and Retry-After, and its work is cancelled. None: no deadline.")
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="A request not finished in this time ends with 504 `request_timeout` (an SSE "
+        "error event once streaming) and its work is cancelled. None: no deadline.")
     cors_allow_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty (the default) turns CORS off.")
 
@@ -140,3 +163,10 @@ class AppConfig(StrictModel):
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     deployments: DeploymentOptions = Field(default_factory=DeploymentOptions)
     api: ApiConfig = Field(default_factory=ApiConfig)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """`api.max_body_bytes`, or the default that fits the model's context."""
+        if self.api.max_body_bytes is not None:
+            return self.api.max_body_bytes
+        return max(64 * 1024, BODY_BYTES_PER_CONTEXT_TOKEN * self.model.max_model_len)

@@ -57,13 +57,15 @@ class ContextLengthExceededError(InvalidRequestError):
     code = "context_length_exceeded"
 
     def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int,
-                 *, param: str = "messages") -> None:
+                 *, param: str = "messages", at_least: bool = False) -> None:
+        """`at_least`: `prompt_tokens` is a lower bound (the prompt was refused by its length alone)."""
         what = "messages" if param == "messages" else "prompt"
         if max_tokens is None:
             # Without max_tokens the completion gets the rest of the context, so only the prompt can be
             # too long: it leaves no room at all.
+            count = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
             detail = (
-                f"However, your {what} resulted in {prompt_tokens} tokens, leaving no room for the "
+                f"However, your {what} resulted in {count} tokens, leaving no room for the "
                 f"completion. Please reduce the length of the {what}."
             )
         else:
@@ -156,6 +158,19 @@ class ServiceUnavailableError(ServiceError):
     status_code = 503
     error_type = "server_error"
     code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(ServiceError):
+    """A request outran one of its deadlines (`api.first_token_timeout_s`, `api.request_timeout_s`); its work
+    was cancelled."""
+
+    status_code = 504
+    error_type = "server_error"
+    code = "request_timeout"
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)

@@ -37,12 +37,13 @@ from serve_app.errors import (
     MethodNotAllowedError,
     ModelNotFoundError,
     NotFoundError,
+    RequestTimeoutError,
     ServiceError,
     ServiceUnavailableError,
     sse_error_event,
     to_service_error,
 )
-from serve_app.ingress.edge import HEALTH_PATH, configure_api, error_response, parse_body
+from serve_app.ingress.edge import HEALTH_PATH, LIVENESS_PATH, configure_api, error_response, parse_body
 from serve_app.ingress.responses import chat_body, chat_sse, completion_body, completion_sse
 from serve_app.metrics import CONTENT_TYPE, RequestMeter, ServiceMetrics
 from serve_app.models.checkpoint import resolve_checkpoint
@@ -114,6 +115,41 @@ async def _metered(meter: RequestMeter, first: list[StageEvent], rest) -> AsyncI
     async for batch in rest:
         meter.observe(batch)
         yield batch
+
+
+class Deadline:
+    """A request's time limits: for its first token, and for the whole of it."""
+
+    def __init__(self, total_s: float | None):
+        self.total_s = total_s
+        self.ends_at = time.monotonic() + total_s if total_s is not None else None
+
+    def remaining_s(self) -> float | None:
+        return None if self.ends_at is None else max(0.0, self.ends_at - time.monotonic())
+
+    async def first_token(self, first: Awaitable[T], first_token_s: float | None) -> T:
+        """`first`, or `RequestTimeoutError` once the first-token or the total deadline passes."""
+        limits = [limit for limit in (first_token_s, self.remaining_s()) if limit is not None]
+        if not limits:
+            return await first
+        try:
+            return await asyncio.wait_for(first, min(limits))
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(f"The request got no first token within {min(limits):.0f} s; the service "
+                                      "is busy. Please retry.", retry_after=1.0) from None
+
+    async def bound(self, batches: AsyncIterator[T]) -> AsyncIterator[T]:
+        """`batches`, ended by `RequestTimeoutError` once the total deadline passes."""
+        while True:
+            remaining = self.remaining_s()
+            try:
+                batch = await (anext(batches) if remaining is None else asyncio.wait_for(anext(batches), remaining))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"The request did not finish within its {self.total_s:g} s limit "
+                                          "(api.request_timeout_s).") from None
+            yield batch
 
 
 # What nginx logs for a request whose client closed the connection before the answer; nobody receives it.
@@ -202,7 +238,7 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve calls this in the replica, after __init__: the edge middleware needs this replica's config
         # and environment (API keys), which the module-level app cannot know.
-        return configure_api(self.app, self.config.api, os.environ)
+        return configure_api(self.app, self.config.api, self.config.max_body_bytes, os.environ)
 
     async def _replica_groups(self) -> list[status_board.GroupStatus] | None:
         """The replica groups on the status board, read at most every `BOARD_MAX_AGE_S`; None until a first
@@ -216,9 +252,15 @@ class Ingress:
                 logger.warning("reading the status board failed: %s", type(exc).__name__)
         return self._groups
 
+    @app.get(LIVENESS_PATH)
+    async def liveness(self) -> JSONResponse:
+        """Alive while this ingress replica answers HTTP: what a liveness probe restarts on, never the model."""
+        return JSONResponse({"status": "alive"})
+
     @app.get(HEALTH_PATH, responses=_error_responses(503))
     async def health(self) -> Response:
-        """Ready while some replica group of this application can serve."""
+        """Ready while some replica group of this application can serve: what a load balancer and a readiness
+        probe call."""
         groups = await self._replica_groups() or []
         healthy = sum(group.healthy for group in groups)
         if not healthy:
@@ -252,13 +294,15 @@ class Ingress:
 
     async def _serve(self, http_request: Request, model: type[SamplingRequest], method: str) -> Response:
         meter = self.metrics.meter(method)
+        deadline = Deadline(self.config.api.request_timeout_s)
         events = None
         try:
             request = await parse_body(http_request, model)
             if request.model != self.model_card.id:
                 raise ModelNotFoundError(request.model)
             events = getattr(self.stage, method).options(stream=True).remote(request)
-            first = await _unless_disconnected(http_request, events.__anext__())
+            first = await _unless_disconnected(http_request, deadline.first_token(
+                events.__anext__(), self.config.api.first_token_timeout_s))
         except ClientDisconnected:
             events.cancel()  # a client that went away must not keep the engine busy
             meter.finish(CLIENT_CLOSED_REQUEST)
@@ -269,7 +313,7 @@ class Ingress:
             if events is not None:
                 events.cancel()
             raise
-        batches = _metered(meter, first, events)
+        batches = deadline.bound(_metered(meter, first, events))
         sse = chat_sse if method == "chat" else completion_sse
         if request.stream:  # Starlette's streaming response watches for the client going away itself
             return StreamingResponse(self._stream(sse(request, batches), events, meter),

@@ -1,7 +1,7 @@
 """The API's edge, before any route runs: API keys, body size, the request body's parsing, error answers.
 
-`ApiEdge` is plain ASGI middleware: it checks the API key (every path but exactly `/health`; deny by default
-when keys are configured) and refuses bodies over `max_body_bytes` without buffering them. `parse_body`
+`ApiEdge` is plain ASGI middleware: it checks the API key (every path but exactly `/health` and
+`/health/live`; deny by default when keys are configured) and refuses bodies over `max_body_bytes` without buffering them. `parse_body`
 turns a route's body into a validated request model (`protocol.py`), with OpenAI-shaped 400s for anything
 else. `error_response` is every error's HTTP answer, as `errors.http_error` maps it.
 """
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_app.config import API_KEYS_ENV, ApiConfig
+from serve_app.config import API_KEYS_ENV, API_KEYS_FILE_ENV, ApiConfig
 from serve_app.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -28,6 +28,9 @@ from serve_app.errors import (
 )
 
 HEALTH_PATH = "/health"
+LIVENESS_PATH = "/health/live"
+# What a load balancer or a Kubernetes probe calls: never behind an API key.
+OPEN_PATHS = frozenset({HEALTH_PATH, LIVENESS_PATH})
 
 
 def error_response(exc: BaseException) -> JSONResponse:
@@ -37,9 +40,19 @@ def error_response(exc: BaseException) -> JSONResponse:
 
 
 def resolve_api_keys(api: ApiConfig, environ: Mapping[str, str]) -> tuple[str, ...]:
-    """The config's keys and the comma-separated keys of `LLAMA_SERVE_API_KEYS`, without blanks."""
+    """The config's keys, the comma-separated keys of `LLAMA_SERVE_API_KEYS`, and the lines of the file
+    `LLAMA_SERVE_API_KEYS_FILE` names (a mounted secret), without blanks. A named file that cannot be read
+    fails the ingress's start: an API meant to be closed must not come up open."""
     from_env = [key.strip() for key in environ.get(API_KEYS_ENV, "").split(",")]
-    return tuple(dict.fromkeys(key for key in [*api.api_keys, *from_env] if key))
+    from_file = []
+    if environ.get(API_KEYS_FILE_ENV):
+        with open(environ[API_KEYS_FILE_ENV], encoding="utf-8") as keys_file:
+            from_file = [line.strip() for line in keys_file]
+    keys = tuple(dict.fromkeys(key for key in [*api.api_keys, *from_env, *from_file] if key))
+    if api.require_api_keys and not keys:
+        raise ValueError(f"api.require_api_keys is set but no API key was given: set {API_KEYS_ENV} or "
+                         f"{API_KEYS_FILE_ENV} (a mounted secret), or api.api_keys")
+    return keys
 
 
 def _digest(key: str) -> bytes:
@@ -63,7 +76,8 @@ def relative_path(scope: Scope) -> str:
 
 
 class ApiEdge:
-    """ASGI middleware at the API's edge: API keys (all paths but exactly `/health`) and body size.
+    """ASGI middleware at the API's edge: API keys (all paths but exactly `/health` and `/health/live`) and
+    body size.
 
     A body announced (Content-Length) or found (while read) to be over `max_body_bytes` is refused with 413;
     it is never buffered whole.
@@ -79,7 +93,7 @@ class ApiEdge:
             await self.app(scope, receive, send)
             return
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        if self.digests and relative_path(scope) != HEALTH_PATH:
+        if self.digests and relative_path(scope) not in OPEN_PATHS:
             key = _bearer_token(headers.get("authorization"))
             if not key_is_valid(key, self.digests):
                 await error_response(AuthenticationError.for_key(key))(scope, receive, send)
@@ -119,11 +133,11 @@ def _bearer_token(header: str | None) -> str | None:
     return token.strip() or None
 
 
-def configure_api(api: FastAPI, config: ApiConfig, environ: Mapping[str, str]) -> FastAPI:
+def configure_api(api: FastAPI, config: ApiConfig, max_body_bytes: int, environ: Mapping[str, str]) -> FastAPI:
     """Add the edge middleware (and CORS, only when origins are configured) to the app, once."""
     if getattr(api.state, "edge_configured", False):
         return api
-    api.add_middleware(ApiEdge, api_keys=resolve_api_keys(config, environ), max_body_bytes=config.max_body_bytes)
+    api.add_middleware(ApiEdge, api_keys=resolve_api_keys(config, environ), max_body_bytes=max_body_bytes)
     if config.cors_allow_origins:  # added last, so it runs first: preflights carry no API key
         api.add_middleware(CORSMiddleware, allow_origins=list(config.cors_allow_origins),
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])

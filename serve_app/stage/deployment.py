@@ -21,7 +21,7 @@ from serve_app.models.checkpoint import resolve_checkpoint
 from serve_app.protocol import ChatCompletionRequest, CompletionRequest
 from serve_app.stage.processor import ChatProcessor, StageEvent
 
-STAGE_MAX_QUEUED_REQUESTS = 256
+STAGE_MAX_QUEUED_REQUESTS = 64
 
 
 @serve.deployment(name="ChatStage", max_queued_requests=STAGE_MAX_QUEUED_REQUESTS)

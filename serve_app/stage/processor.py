@@ -14,6 +14,8 @@ class with a fake engine; `deployment.ChatStage` is its Serve wrapper.
 
 from __future__ import annotations
 
+import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -37,6 +39,9 @@ from serve_app.stage.stop import StopStringMatcher
 from serve_app.stage.tools import may_become_tool_call, parse_tool_calls, with_tools
 
 EngineGenerate = Callable[[list[EngineRequest]], AsyncIterator[list[RequestOutput]]]
+# Requests with more text than this (a few milliseconds of tokenizing) are tokenized on a worker thread.
+INLINE_TOKENIZE_CHARS = 8192
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,9 @@ class ChatProcessor:
         self.pricing = pricing
         self.generate = generate
         self.api = api or ApiConfig()
+        # No token's text is longer than this, so a text of n characters is at least n / this many tokens.
+        self._max_token_chars = max(len(piece) for piece in tokenizer.get_vocab()
+                                    if not _BYTE_PIECE.fullmatch(piece) and piece not in tokenizer.all_special_tokens)
 
     # -- forward ---------------------------------------------------------------------------------------------
 
@@ -92,6 +100,7 @@ class ChatProcessor:
             raise InvalidRequestError(f"Too many messages: {len(request.messages)}; at most "
                                       f"{self.api.max_messages} are allowed.", param="messages")
         messages = with_tools(request.messages, request.tools) if request.uses_tools else request.messages
+        self._check_size([message.content or "" for message in messages], "messages")
         prompt = render_chat_prompt(messages, self._encode, self.tokenizer.bos_token_id,
                                     self.tokenizer.eos_token_id)
         return prompt, self._budget(prompt, request.max_tokens, request, "messages")
@@ -105,10 +114,18 @@ class ChatProcessor:
                                       "allowed.", param="prompt")
         prompts = []
         for text in texts:
+            self._check_size([text], "prompt")
             ids = [self.tokenizer.bos_token_id, *self._encode(text)]
             prompts.append(_Prompt(ids, self._budget(ids, request.max_tokens, request, "prompt"),
                                    text if request.echo else ""))
         return prompts
+
+    def _check_size(self, texts: list[str], param: str) -> None:
+        """Refuse, without tokenizing it, text that cannot fit the context whatever its tokens: tokenizing a
+        body's worth of text takes seconds, and most of it would be thrown away."""
+        at_least = -(-sum(len(text) for text in texts) // self._max_token_chars)
+        if at_least >= self.model.max_model_len:
+            raise ContextLengthExceededError(at_least, None, self.model.max_model_len, param=param, at_least=True)
 
     def _check_n(self, request: SamplingRequest) -> None:
         if request.n > self.api.max_n:
@@ -127,13 +144,20 @@ class ChatProcessor:
     # -- generation ------------------------------------------------------------------------------------------
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[StageEvent]]:
-        prompt, max_tokens = self.prepare(request)
+        # A long conversation is tokenized off the event loop, so it does not stall every other stream here.
+        if sum(len(message.content or "") for message in request.messages) > INLINE_TOKENIZE_CHARS:
+            prompt, max_tokens = await asyncio.to_thread(self.prepare, request)
+        else:
+            prompt, max_tokens = self.prepare(request)
         parse = (lambda text: parse_tool_calls(text, request.tools)) if request.uses_tools else None
         async for events in self._run([_Prompt(prompt, max_tokens)], request, request.logprobs, parse):
             yield events
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[list[StageEvent]]:
-        prompts = self.prepare_completion(request)
+        if sum(len(text) for text in request.prompts) > INLINE_TOKENIZE_CHARS:
+            prompts = await asyncio.to_thread(self.prepare_completion, request)
+        else:
+            prompts = self.prepare_completion(request)
         async for events in self._run(prompts, request, request.logprobs is not None, None):
             yield events
 

@@ -31,10 +31,19 @@ from serve_app.status_board import GroupStatus
 KEY = "sk-unit-0123456789abcdef"
 
 
-def test_keys_come_from_config_and_environment():
+def test_keys_come_from_config_environment_and_a_secret_file(tmp_path):
     api = ApiConfig(api_keys=["a-key"])
     assert resolve_api_keys(api, {"LLAMA_SERVE_API_KEYS": " b-key, ,a-key"}) == ("a-key", "b-key")
     assert resolve_api_keys(ApiConfig(), {}) == ()
+    secret = tmp_path / "keys"
+    secret.write_text("c-key\n\n  d-key  \n")  # as a Kubernetes Secret mounts it
+    assert resolve_api_keys(ApiConfig(), {"LLAMA_SERVE_API_KEYS_FILE": str(secret)}) == ("c-key", "d-key")
+    with pytest.raises(FileNotFoundError):  # a closed API never comes up open because its secret is missing
+        resolve_api_keys(ApiConfig(), {"LLAMA_SERVE_API_KEYS_FILE": str(tmp_path / "missing")})
+    required = ApiConfig(require_api_keys=True)
+    with pytest.raises(ValueError, match="LLAMA_SERVE_API_KEYS"):  # an exposed deployment whose secret is empty
+        resolve_api_keys(required, {"LLAMA_SERVE_API_KEYS": " , "})
+    assert resolve_api_keys(required, {"LLAMA_SERVE_API_KEYS": "e-key"}) == ("e-key",)
 
 
 def test_key_check_and_masking():
@@ -53,6 +62,10 @@ def edge_app(keys: tuple[str, ...] = (KEY,), **api) -> TestClient:
     async def health():
         return {"status": "ok"}
 
+    @app.get("/health/live")
+    async def live():
+        return {"status": "alive"}
+
     @app.post("/echo")
     async def echo(request: Request):
         try:
@@ -61,11 +74,13 @@ def edge_app(keys: tuple[str, ...] = (KEY,), **api) -> TestClient:
         except Exception as exc:  # noqa: BLE001
             return error_response(exc)
 
-    configure_api(app, ApiConfig(api_keys=list(keys), **api), {})
+    config = ApiConfig(api_keys=list(keys), **api)
+    configure_api(app, config, config.max_body_bytes or 1 << 20, {})
     return TestClient(app)
 
 
-@pytest.mark.parametrize("path", ["/echo", "/nowhere", "//health", "/health/", "/HEALTH"])
+@pytest.mark.parametrize("path", ["/echo", "/nowhere", "//health", "/health/", "/HEALTH", "/health/live/",
+                                  "/health/ready"])
 def test_every_path_but_health_needs_a_key(path):
     response = edge_app().get(path)
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
@@ -73,7 +88,7 @@ def test_every_path_but_health_needs_a_key(path):
 
 def test_health_is_open_and_a_good_key_passes():
     client = edge_app()
-    assert client.get("/health").status_code == 200
+    assert client.get("/health").status_code == 200 and client.get("/health/live").status_code == 200
     response = client.post("/echo", json={"model": "m", "prompt": "hi"}, headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 200 and response.json()["prompt"] == "hi"
 

@@ -253,3 +253,36 @@ def test_with_tools_offered_a_plain_text_reply_still_streams(tokenizer):
                                             (" It", False), ("Sure {", False)])
 def test_may_become_tool_call(start, may):
     assert may_become_tool_call(start) is may
+
+
+def test_text_that_cannot_fit_is_refused_without_being_tokenized(tokenizer, monkeypatch):
+    """No Llama 2 token's text is longer than 16 characters, so 512 x 16 characters cannot fit a 512-token
+    context whatever they say: refused at once, the tokenizer never called (1 MB of text takes it seconds)."""
+    stage = make_stage(tokenizer, "x", [])
+    calls = []
+    monkeypatch.setattr(stage, "_encode", lambda text: calls.append(len(text)) or tokenizer.encode(text))
+    huge = {"model": MODEL, "messages": [{"role": "user", "content": "a" * (512 * 16)}]}
+    with pytest.raises(ContextLengthExceededError, match="at least 512 tokens") as refused:
+        stage.prepare(ChatCompletionRequest.model_validate(huge))
+    assert refused.value.param == "messages" and calls == []
+    with pytest.raises(ContextLengthExceededError):
+        stage.prepare_completion(CompletionRequest.model_validate({"model": MODEL, "prompt": "a" * (512 * 16)}))
+    assert calls == []
+    stage.prepare(ChatCompletionRequest.model_validate({**huge, "messages": [{"role": "user", "content": "hi"}]}))
+    assert calls  # a prompt that may fit is tokenized as ever
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(tokenizer, monkeypatch):
+    import threading
+
+    model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=4096)
+    stage = ChatProcessor(tokenizer, model, PricingConfig(), scripted_engine(tokenizer, "ok", []), ApiConfig())
+    threads = []
+    prepare = stage.prepare
+    monkeypatch.setattr(stage, "prepare", lambda request: threads.append(threading.get_ident()) or prepare(request))
+    for words in (10, 2000):  # about 50 and 10,000 characters
+        content = " ".join(["word"] * words)
+        collect(stage.chat(ChatCompletionRequest.model_validate(
+            {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2})))
+    short, long = threads
+    assert short == threading.get_ident() and long != threading.get_ident()  # asyncio.run runs on this thread

@@ -46,6 +46,35 @@ def test_rayservice_serves_the_7b_config_on_the_pod_network():
     served = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     shipped = yaml.safe_load((ROOT / "configs" / "llama2-7b-chat.yaml").read_text())
     assert served["http_options"]["host"] == "0.0.0.0"
+    (application,) = served["applications"]
+    # Exposed on the pod network, it refuses to start without the keys of its Secret; otherwise the 7b config.
+    assert application["args"]["api"].pop("require_api_keys") is True
     assert served["applications"] == shipped["applications"]
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
+
+
+def _containers(manifest: dict) -> list[dict]:
+    cluster = manifest["spec"]["rayClusterConfig"]
+    specs = [cluster["headGroupSpec"]["template"]["spec"]]
+    specs += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+    return [(spec, container) for spec in specs for container in spec["containers"]]
+
+
+def test_rayservice_needs_rays_token_and_gives_every_pod_the_api_keys_secret():
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    for spec, container in _containers(manifest):  # an ingress replica may land on any pod
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+        assert env["LLAMA_SERVE_API_KEYS_FILE"].startswith(mounts["api-keys"] + "/")
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        assert volumes["api-keys"]["secret"]["secretName"] == "llama-serve-api-keys"
+
+
+def test_the_cluster_runs_with_token_auth_and_a_private_dashboard():
+    starts = [" ".join(CLUSTER["head_start_ray_commands"]), " ".join(CLUSTER["worker_start_ray_commands"])]
+    for start in starts:
+        assert "RAY_AUTH_MODE=token" in start and "LLAMA_SERVE_API_KEYS_FILE=" in start
+    assert "--dashboard-host=127.0.0.1" in starts[0]
+    assert any(target.endswith(".ray/auth_token") for target in CLUSTER["file_mounts"])

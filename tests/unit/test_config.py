@@ -51,3 +51,22 @@ def test_replica_reserves_one_bundle_per_rank():
     assert placement["placement_group_strategy"] == "STRICT_PACK"
     cpu = AppConfig.model_validate(_args(next(p for p in CONFIGS if p.stem == "tiny")))
     assert replica_placement(cpu)["placement_group_bundles"] == [{"CPU": 0.5}, {"CPU": 0.5}]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_bounds_refuse_overload_at_the_engine_and_keep_health_out_of_the_queue(path):
+    """The documented overload behaviour is the real one: a replica group's engine refuses (429) before
+    Serve would queue a call in front of it; the stage admits every stream its share of groups can hold; the
+    ingress holds more connections than the stage admits, so /health and /metrics never wait behind streams;
+    a request waiting for its first token is bounded in time."""
+    config = AppConfig.model_validate(_args(path))
+    deployments = config.deployments
+    replica_calls = deployments.replica["max_ongoing_requests"]
+    assert replica_calls > config.engine.max_num_seqs + config.api.max_waiting_requests
+    groups_per_stage = -(-deployments.replica["autoscaling_config"]["max_replicas"]
+                         // deployments.stage["autoscaling_config"]["max_replicas"])
+    stage_calls = deployments.stage["max_ongoing_requests"]
+    assert stage_calls >= groups_per_stage * (config.engine.max_num_seqs + config.api.max_waiting_requests)
+    assert deployments.ingress["max_ongoing_requests"] > stage_calls * deployments.stage["autoscaling_config"][
+        "max_replicas"] // deployments.ingress["autoscaling_config"]["max_replicas"]
+    assert config.api.first_token_timeout_s is not None

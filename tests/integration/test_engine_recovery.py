@@ -6,6 +6,7 @@ Runs its own application (`/crash`, tp=1), so that killing its engine disturbs n
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import signal
@@ -98,3 +99,79 @@ def test_a_dead_engine_is_a_503_until_serve_replaces_its_replica_group(crash_app
     _eventually(lambda: _chat(crash_app).status_code == 200)
     _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
     assert len(_engine_processes()) == 1  # the new group's engine; the dead one's replica is gone
+
+
+def _gauge(base: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name)
+
+
+def test_two_hundred_abandoned_streams_leave_no_sequence_behind(crash_app):
+    """Clients that open streams and leave at once (a retry storm, a closed browser tab): whatever was
+    admitted is aborted, refused ones got their 429, and the next client is served by an empty engine."""
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 500, "stream": True, "min_p": 0,
+            "logit_bias": {"2": -100}}  # never EOS: only an abort ends them early
+
+    async def abandon() -> list[int]:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+            async def one() -> int:
+                async with client.stream("POST", f"{crash_app}/v1/chat/completions", json=body) as response:
+                    if response.status_code == 200:
+                        async for _ in response.aiter_lines():  # its first chunk: it is running
+                            break
+                    return response.status_code
+
+            return await asyncio.gather(*(one() for _ in range(200)))
+
+    generated_before = _gauge(crash_app, "llama_serve_engine_generated_tokens")
+    statuses = asyncio.run(abandon())
+    assert set(statuses) <= {200, 429, 503} and 200 in statuses, statuses
+    _eventually(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0
+                and _gauge(crash_app, "llama_serve_num_sequences_waiting") == 0)
+    assert _gauge(crash_app, "llama_serve_kv_cache_usage_ratio") == 0
+    # Aborted, not run out: had the admitted streams run to max_tokens, they would have made this many tokens.
+    generated = _gauge(crash_app, "llama_serve_engine_generated_tokens") - generated_before
+    assert generated < statuses.count(200) * body["max_tokens"] / 2
+    assert _chat(crash_app).status_code == 200
+
+
+def test_an_engine_killed_mid_stream_ends_the_stream_with_one_error_event(crash_app):
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+    client = openai.OpenAI(base_url=f"{crash_app}/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1000, stream=True,
+                                            extra_body={"min_p": 0, "logit_bias": {"2": -100}})
+    chunks = iter(stream)
+    next(chunks)  # the stream is open and generating
+    (engine,) = _engine_processes()
+    os.kill(engine, signal.SIGKILL)
+    with pytest.raises(openai.APIError) as raised:  # the SSE error event, as the official client reports it
+        for _ in chunks:
+            pass
+    assert "engine" in str(raised.value).lower()
+
+    # A new group serves again once Serve has replaced the dead one (until then requests get 503).
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+
+
+def test_deleting_the_application_with_streams_in_flight_leaves_no_process_behind(crash_app):
+    from ray import serve
+
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 1000, "stream": True, "min_p": 0,
+            "logit_bias": {"2": -100}}
+    with httpx.stream("POST", f"{crash_app}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        assert _engine_processes()
+        serve.delete("crash", _blocking=False)
+        try:  # the stream ends (its replica drains or stops); it does not hang
+            for _ in lines:
+                pass
+        except httpx.HTTPError:
+            pass
+    _eventually(lambda: not _engine_processes() and not any(
+        "ServeReplica:crash:" in cmdline for _, cmdline in _processes().values()))

@@ -34,10 +34,15 @@ from serve_app.protocol import (
 )
 from serve_app.stage.processor import ChoiceDelta, UsageReport
 
+# Characters JSON leaves raw that `str.splitlines` (httpx's `aiter_lines`, many SSE readers) takes for line
+# ends: a model that writes one would cut its event in two. Only strings can hold them, where an escape is the
+# same character to every JSON reader.
+_SPLITLINES_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
 
 def sse_data(body: BaseModel) -> str:
-    """One server-sent event carrying `body` as JSON."""
-    return f"data: {json.dumps(body.model_dump(), ensure_ascii=False)}\n\n"
+    """One server-sent event carrying `body` as JSON, on one line for every line splitter."""
+    return f"data: {json.dumps(body.model_dump(), ensure_ascii=False).translate(_SPLITLINES_BREAKS)}\n\n"
 
 
 @dataclass

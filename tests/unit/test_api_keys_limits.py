@@ -238,3 +238,20 @@ def test_a_tool_call_delta_becomes_an_openai_chunk():
                                                                  "function": {"name": "get_weather",
                                                                               "arguments": '{"city": "Oslo"}'}}
     assert last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+
+
+def test_a_chunk_with_unicode_line_separators_stays_one_line_for_every_reader():
+    """The tiny model's gibberish wrote U+2028 in a soak run: httpx's `aiter_lines` cut that event in two."""
+    import json
+
+    from serve_app.ingress.responses import sse_data
+    from serve_app.protocol import ChatCompletionChunk
+
+    text = "a\u2028b\u2029c\x85d\u00e9"
+    body = ChatCompletionChunk(id="x", created=0, model="m", choices=[
+        {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+    event = sse_data(body)
+    (line, blank, *rest) = event.splitlines()
+    assert blank == "" and not rest and line.startswith("data: ")
+    assert json.loads(line[len("data: "):])["choices"][0]["delta"]["content"] == text
+    assert "\u00e9" in line  # other text stays UTF-8, not escaped

@@ -1,0 +1,126 @@
+"""CPU time the serving path spends per streamed output token, process by process, read from /proc.
+
+Against a running service on this machine (`serve run configs/tiny.yaml`): for each `--streams` count, run
+that many concurrent streaming chat requests (exactly `--output-len` tokens each: EOS is suppressed), read
+every process's user + system CPU time (`/proc/<pid>/stat`) before and after, and divide each process
+kind's CPU by the output tokens the server reported (`usage`). CPU time, not wall time: it does not move
+when other work shares the cores, so two builds compare on a busy machine.
+
+Process kinds, by command line: the ingress, stage and replica actors (`ray::ServeReplica:<app>:<name>`),
+the Serve controller, HAProxy and the proxy actor — the serving path, summed as `serving_path` — and, apart
+from it, the engine (its process, `llama_serve::engine`, and follower ranks, `ray::RankActor`) and Ray's own
+daemons (raylet, GCS, dashboard, agents).
+
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 serve run configs/tiny.yaml &
+    python scripts/bench_serving_cpu.py --streams 1 32 --out cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SERVING_PATH = ("ingress", "stage", "replica", "controller", "haproxy", "proxy")
+
+
+def kind_of(cmdline: str, app: str) -> str | None:
+    if cmdline.startswith(f"ray::ServeReplica:{app}:Ingress"):
+        return "ingress"
+    if cmdline.startswith(f"ray::ServeReplica:{app}:ChatStage"):
+        return "stage"
+    if cmdline.startswith(f"ray::ServeReplica:{app}:LlamaReplica"):
+        return "replica"
+    if cmdline.startswith("ray::ServeController"):
+        return "controller"
+    if "haproxy" in cmdline.split(" ", 1)[0]:
+        return "haproxy"
+    if cmdline.startswith(("ray::ProxyActor", "ray::HAProxyManager")):
+        return "proxy"
+    if cmdline.startswith(("llama_serve::engine", "ray::RankActor")):
+        return "engine"
+    if any(name in cmdline for name in ("raylet", "gcs_server", "dashboard", "agent", "log_monitor", "monitor.py")):
+        return "ray_daemons"
+    return None
+
+
+def cpu_by_kind(app: str) -> dict[str, float]:
+    """CPU seconds used so far by every process of each kind on this machine."""
+    totals: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kind = kind_of(cmdline, app)
+        if kind is not None:
+            totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return totals
+
+
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, output_len: int) -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": output_len,
+            "temperature": 0, "logit_bias": {"2": -100}, "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[len("data: "):]).get("usage")
+                if usage:
+                    tokens = usage["completion_tokens"]
+    return tokens
+
+
+async def load(base_url: str, model: str, streams: int, requests_per_stream: int, output_len: int) -> int:
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        async def stream_worker(worker: int) -> int:
+            done = 0
+            for index in range(requests_per_stream):
+                prompt = f"Request {worker}-{index}: tell me about the rivers and mountains of Europe."
+                done += await one_stream(client, model, prompt, output_len)
+            return done
+
+        return sum(await asyncio.gather(*(stream_worker(w) for w in range(streams))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--app", default="llama", help="the Serve application's name (configs: llama)")
+    parser.add_argument("--model", default="tiny-llama-2-chat")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--requests-per-stream", type=int, default=4)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--out", help="write the figures here as JSON")
+    args = parser.parse_args()
+
+    asyncio.run(load(args.base_url, args.model, 2, 1, 8))  # warm-up
+    results = {}
+    for streams in args.streams:
+        before, started = cpu_by_kind(args.app), time.monotonic()
+        tokens = asyncio.run(load(args.base_url, args.model, streams, args.requests_per_stream, args.output_len))
+        after, elapsed = cpu_by_kind(args.app), time.monotonic() - started
+        per_token = {kind: (after.get(kind, 0.0) - before.get(kind, 0.0)) / tokens * 1e6 for kind in after}
+        per_token["serving_path"] = sum(per_token.get(kind, 0.0) for kind in SERVING_PATH)
+        results[f"streams_{streams}"] = {"output_tokens": tokens, "wall_s": round(elapsed, 2),
+                                         "tok_s": round(tokens / elapsed, 1),
+                                         "cpu_us_per_token": {k: round(v, 1) for k, v in sorted(per_token.items())}}
+        shown = ", ".join(f"{kind} {value:.0f}" for kind, value in sorted(per_token.items()))
+        print(f"{streams:>3} streams: {tokens} tokens in {elapsed:.1f} s ({tokens / elapsed:.0f} tok/s); "
+              f"CPU us per output token: {shown}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

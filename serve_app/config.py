@@ -153,6 +153,12 @@ class ApiConfig(StrictModel):
     request_timeout_s: float | None = Field(
         None, gt=0, description="A request not finished in this time ends with 504 `request_timeout` (an SSE "
         "error event once streaming) and its work is cancelled. None: no deadline.")
+    non_stream_keepalive_s: float | None = Field(
+        None, gt=0, description="A non-streamed answer's status and headers go out with its first token, and "
+        "then a space (JSON allows it before the body) this often until the body: a proxy that notices a client "
+        "gone only when it writes (HAProxy) then aborts the request within about two of these, instead of "
+        "letting it run to its end. The price: a failure after the first token is a 200 whose body is the "
+        "OpenAI error. None: the answer is sent whole, with its own status.")
     cors_allow_origins: list[str] = Field(
         default_factory=list, description="Origins allowed by CORS; empty (the default) turns CORS off.")
 

@@ -232,6 +232,10 @@ def _shown_input(value: Any) -> str:
 BACKPRESSURE_RETRY_AFTER_S = 1.0
 
 
+# ray.exceptions.RayActorError (and its ActorDiedError) and ActorUnavailableError, by name like BackPressureError.
+RAY_ACTOR_GONE = frozenset({"RayActorError", "ActorUnavailableError"})
+
+
 def to_service_error(exc: BaseException) -> ServiceError:
     """The typed error that `exc` stands for; unknown exceptions become an `InternalError`.
 
@@ -246,6 +250,11 @@ def to_service_error(exc: BaseException) -> ServiceError:
     if type(exc).__name__ == "BackPressureError":  # ray.serve.exceptions.BackPressureError
         return ServiceUnavailableError("The server is overloaded. Please retry shortly.",
                                        retry_after=BACKPRESSURE_RETRY_AFTER_S)
+    if RAY_ACTOR_GONE & {cls.__name__ for cls in type(exc).__mro__}:
+        # A replica that died under a request (its node lost, the process killed): Serve starts another, so a
+        # retry is served; it is not the request's fault nor a bug of ours.
+        return ServiceUnavailableError("A replica of the service failed while serving this request. Please "
+                                       "retry.", retry_after=BACKPRESSURE_RETRY_AFTER_S)
     return InternalError()
 
 

@@ -185,6 +185,28 @@ async def _disconnect(http_request: Request) -> None:
         pass
 
 
+async def _json_with_keepalive(body: Awaitable[dict[str, Any]], events, meter: RequestMeter,
+                               interval_s: float) -> AsyncIterator[bytes]:
+    """A non-streamed answer as a body that starts at once: a space every `interval_s` until the JSON. Behind
+    HAProxy, which passes a client's close on only when it writes, this is how a client's leaving reaches us
+    (Starlette then cancels this generator, and with it the engine request)."""
+    task = asyncio.ensure_future(body)
+    status = 200
+    try:
+        while not (await asyncio.wait({task}, timeout=interval_s))[0]:
+            yield b" "
+        try:
+            yield JSONResponse(task.result()).body
+        except Exception as exc:  # noqa: BLE001 - the status is sent: the error can only be the body
+            response = error_response(_service_error(exc))
+            status = response.status_code
+            yield response.body
+    finally:
+        task.cancel()
+        events.cancel()  # a client that went away must not keep the engine busy
+        meter.finish(status if task.done() and not task.cancelled() else CLIENT_CLOSED_REQUEST)
+
+
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
 
@@ -319,6 +341,10 @@ class Ingress:
             return StreamingResponse(self._stream(sse(request, batches), events, meter),
                                      media_type="text/event-stream")
         collect = chat_body if method == "chat" else completion_body
+        keepalive_s = self.config.api.non_stream_keepalive_s
+        if keepalive_s is not None:
+            return StreamingResponse(_json_with_keepalive(collect(request, batches), events, meter, keepalive_s),
+                                     media_type="application/json")
         try:
             body = await _unless_disconnected(http_request, collect(request, batches))
         except ClientDisconnected:

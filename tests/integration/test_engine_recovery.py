@@ -138,6 +138,34 @@ def test_two_hundred_abandoned_streams_leave_no_sequence_behind(crash_app):
     assert _chat(crash_app).status_code == 200
 
 
+def test_two_hundred_non_streamed_requests_abandoned_after_half_a_second_are_aborted(crash_app):
+    """As an `openai` client with `timeout=0.5` leaves them. Behind HAProxy only a write shows that a client has
+    gone: the keep-alive spaces of `api.non_stream_keepalive_s` are that write."""
+    generated_before = _gauge(crash_app, "llama_serve_engine_generated_tokens")
+    impatient = openai.AsyncOpenAI(base_url=f"{crash_app}/v1", api_key="none", timeout=0.5, max_retries=0)
+
+    async def abandon() -> list[str]:
+        async def one() -> str:
+            try:
+                await impatient.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=500,
+                                                        extra_body={"min_p": 0, "logit_bias": {"2": -100}})
+            except openai.APIError as exc:
+                return type(exc).__name__
+            return "answered"
+
+        return await asyncio.gather(*(one() for _ in range(200)))
+
+    outcomes = asyncio.run(abandon())
+    assert "APITimeoutError" in outcomes, outcomes
+    _eventually(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0
+                and _gauge(crash_app, "llama_serve_num_sequences_waiting") == 0)
+    assert _gauge(crash_app, "llama_serve_kv_cache_usage_ratio") == 0
+    generated = _gauge(crash_app, "llama_serve_engine_generated_tokens") - generated_before
+    # Admitted ones (at most max_num_seqs + max_waiting_requests = 64) would have made 500 tokens each.
+    assert generated < 64 * 500 / 2
+    assert _chat(crash_app).status_code == 200
+
+
 def test_an_engine_killed_mid_stream_ends_the_stream_with_one_error_event(crash_app):
     _eventually(lambda: _chat(crash_app).status_code == 200)
     client = openai.OpenAI(base_url=f"{crash_app}/v1", api_key="none", max_retries=0)
@@ -154,6 +182,61 @@ def test_an_engine_killed_mid_stream_ends_the_stream_with_one_error_event(crash_
 
     # A new group serves again once Serve has replaced the dead one (until then requests get 503).
     _eventually(lambda: _chat(crash_app).status_code == 200)
+
+
+def _stream_then(base: str, act) -> None:
+    """Open a long stream, let it produce a chunk, run `act`, and expect the official client to raise the
+    stream's error event."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+    stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1000, stream=True,
+                                            extra_body={"min_p": 0, "logit_bias": {"2": -100}})
+    chunks = iter(stream)
+    next(chunks)
+    act()
+    with pytest.raises(openai.APIError):
+        for _ in chunks:
+            pass
+
+
+def _pids(marker: str) -> set[int]:
+    return {pid for pid, (_, cmdline) in _processes().items() if cmdline.startswith(marker)}
+
+
+def test_a_replica_actor_killed_mid_stream_is_an_error_and_serve_replaces_it(crash_app):
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+    (replica,) = _pids("ray::ServeReplica:crash:LlamaReplica")
+    _stream_then(crash_app, lambda: os.kill(replica, signal.SIGKILL))
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+    _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
+    _eventually(lambda: len(_engine_processes()) == 1)  # the dead replica's engine went with it
+
+
+def test_a_redeploy_with_a_stream_in_flight_then_a_follower_rank_killed_mid_stream(crash_app):
+    """Redeploy the application at tp=2 while a stream runs on the old group: the stream ends (finished by the
+    draining replica, or with an error event), and the new group serves. Then kill its follower rank under a
+    stream: the client gets the error, and Serve replaces the group."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+    ranks_before = _pids("ray::RankActor")
+    args = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"][0]["args"])
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{crash_app}/v1/chat/completions", json=body, timeout=300) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        serve.run(build_app(args), name="crash", route_prefix=CRASH_PREFIX, blocking=False)  # tp=2
+        tail = [line for line in lines if line]
+    assert tail[-1] == "data: [DONE]" or any('"error"' in line for line in tail), tail[-3:]
+    _eventually(lambda: len(_pids("ray::RankActor") - ranks_before) == 1)
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+
+    (follower,) = _pids("ray::RankActor") - ranks_before
+    _stream_then(crash_app, lambda: os.kill(follower, signal.SIGKILL))
+    _eventually(lambda: _chat(crash_app).status_code == 200)
+    _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
 
 
 def test_deleting_the_application_with_streams_in_flight_leaves_no_process_behind(crash_app):

@@ -201,3 +201,12 @@ def test_errors_survive_pickling_between_deployments():
     assert error_body(error)["error"]["code"] == "context_length_exceeded"
     assert "4200" in error.message and "4000" in error.message
     assert pickle.loads(pickle.dumps(RateLimitError("slow down", retry_after=2))).retry_after == 2
+
+
+def test_a_replica_that_died_under_a_request_is_a_503_to_retry() -> None:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    for exc in (ActorDiedError(), ActorUnavailableError("the actor is restarting", b"\0" * 16)):
+        error = to_service_error(exc)
+        assert isinstance(error, ServiceUnavailableError) and error.retry_after is not None
+        assert error_response(error).status_code == 503

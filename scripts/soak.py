@@ -37,9 +37,10 @@ from bench_serving_cpu import kind_of
 PAGE_KIB = 4
 
 
-def rss_by_kind(app: str) -> dict[str, float]:
-    """MiB resident in every process of each kind on this machine."""
-    totals: dict[str, float] = {}
+def rss_by_kind(app: str) -> dict[str, dict[str, float]]:
+    """MiB resident in the processes of each kind on this machine, and how many there are (a replica that
+    autoscaling added is not a leak)."""
+    totals: dict[str, dict[str, float]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -50,8 +51,10 @@ def rss_by_kind(app: str) -> dict[str, float]:
             continue
         kind = kind_of(cmdline, app)
         if kind is not None:
-            totals[kind] = totals.get(kind, 0.0) + resident_pages * PAGE_KIB / 1024
-    return {kind: round(mib, 1) for kind, mib in sorted(totals.items())}
+            total = totals.setdefault(kind, {"processes": 0, "mib": 0.0})
+            total["processes"] += 1
+            total["mib"] = round(total["mib"] + resident_pages * PAGE_KIB / 1024, 1)
+    return dict(sorted(totals.items()))
 
 
 class Soak:

@@ -98,8 +98,18 @@ class PricingConfig(StrictModel):
     round $0.20 per million tokens each way; set your own per config.
     """
 
-    input_per_million_tokens: float = Field(0.2, ge=0)
-    output_per_million_tokens: float = Field(0.2, ge=0)
+    input_per_million_tokens: float = Field(0.2, ge=0, description="Prompt tokens the engine computed.")
+    cached_input_per_million_tokens: float | None = Field(
+        None, ge=0, description="Prompt tokens served from the prefix cache "
+        "(`usage.prompt_tokens_details.cached_tokens`). None: `input_per_million_tokens`.")
+    output_per_million_tokens: float = Field(0.2, ge=0, description="Completion tokens.")
+
+    @property
+    def cached_input_per_million(self) -> float:
+        """The price of a cached prompt token, the input price unless one is set."""
+        if self.cached_input_per_million_tokens is None:
+            return self.input_per_million_tokens
+        return self.cached_input_per_million_tokens
 
 
 class DeploymentOptions(StrictModel):

@@ -418,12 +418,27 @@ class ChatCompletionChoice(BaseModel):
     finish_reason: FinishReason
 
 
-class Usage(BaseModel):
-    """Token counts of one request, over all its choices, and what they cost."""
+class PromptTokensDetails(BaseModel):
+    """What became of the prompt's tokens, in OpenAI's `usage.prompt_tokens_details`."""
+
+    cached_tokens: int = Field(
+        description="Prompt tokens served from the prefix cache instead of being computed; counted like "
+        "`prompt_tokens`, once per prompt whatever `n` is.")
+
+
+class Usage(_ResponseModel):
+    """Token counts of one request, over all its choices, and what they cost.
+
+    This service always sets `prompt_tokens_details` (`from_counts`); it is optional only so that bodies of
+    services that leave it out, as the reference does, parse as they are.
+    """
+
+    _omit_if_none = frozenset({"prompt_tokens_details"})
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     estimated_cost: float = Field(description="US dollars, at the deployment's per-token prices.")
 
     @classmethod
@@ -433,12 +448,22 @@ class Usage(BaseModel):
         completion_tokens: int,
         input_price_per_token: float,
         output_price_per_token: float,
+        *,
+        cached_tokens: int = 0,
+        cached_input_price_per_token: float | None = None,
     ) -> "Usage":
-        cost = prompt_tokens * input_price_per_token + completion_tokens * output_price_per_token
+        """`cached_tokens` of the `prompt_tokens` are priced at `cached_input_price_per_token` (by default the
+        input price)."""
+        if cached_input_price_per_token is None:
+            cached_input_price_per_token = input_price_per_token
+        cost = ((prompt_tokens - cached_tokens) * input_price_per_token
+                + cached_tokens * cached_input_price_per_token
+                + completion_tokens * output_price_per_token)
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
             # Rounded to 1e-10 dollars, far below any price, so float noise such as 2.2299999999999998e-05
             # does not reach the client.
             estimated_cost=round(cost, 10),

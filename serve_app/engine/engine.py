@@ -128,8 +128,11 @@ class Engine:
         outputs = []
         for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
             done = seq.choice in finished
+            # A preempted sequence keeps its tokens, so its first token is sampled (and reported) once.
+            first = len(seq.output_token_ids) == 1
             outputs.append(RequestOutput(seq.choice, [token], seq.finish_reason if done else None,
-                                         [logprobs] if logprobs is not None else None))
+                                         [logprobs] if logprobs is not None else None,
+                                         seq.num_cached_prompt_tokens if first else None))
             if done:
                 del self._sequences[seq.choice]
                 self.sampler.release(seq.choice)

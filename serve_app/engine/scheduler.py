@@ -129,6 +129,8 @@ class Scheduler:
             self.waiting.popleft()
             self.prefix_query_tokens += seq.num_tokens
             self.prefix_hit_tokens += cached
+            if seq.num_cached_prompt_tokens is None:
+                seq.num_cached_prompt_tokens = cached
             self.block_manager.grow(seq, target)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -66,6 +66,9 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     finish_reason: FinishReason | None = None
+    # Prompt tokens the prefix cache held at the sequence's first admission (None until then). A resumed
+    # sequence finds more cached (its own blocks), but that is the engine's saving, not the client's.
+    num_cached_prompt_tokens: int | None = None
     # Only seeded requests own a generator, so their draws never depend on what else is in the batch.
     generator: torch.Generator | None = None
 
@@ -93,13 +96,16 @@ class SampleLogprobs:
 class RequestOutput:
     """What one engine step (or several, coalesced by the replica) produced for one choice: new tokens only.
 
-    `finish_reason` is set on the choice's last output, and only there.
+    `finish_reason` is set on the choice's last output, and only there; `num_cached_tokens` on its first,
+    and only there: how many of its prompt tokens were not computed because the prefix cache held them when
+    the choice was first admitted.
     """
 
     choice: ChoiceId
     new_token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[SampleLogprobs] | None = None
+    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:

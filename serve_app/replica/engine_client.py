@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from serve_app.config import EngineConfig
 from serve_app.engine.engine import EngineStats
@@ -254,5 +254,5 @@ class EngineClient:
         if not output.finished:
             self._stopped.add(output.choice)
             self.host.send(AbortRequest(output.choice))
-        return RequestOutput(output.choice, output.new_token_ids[:keep], FinishReason.STOP,
-                             output.logprobs[:keep] if output.logprobs is not None else None)
+        return replace(output, new_token_ids=output.new_token_ids[:keep], finish_reason=FinishReason.STOP,
+                       logprobs=output.logprobs[:keep] if output.logprobs is not None else None)

@@ -193,11 +193,7 @@ class ChatProcessor:
                 events = [event for choice, outs in by_choice.items()
                           if (event := choices[choice].push(outs)) is not None]
                 if all(choice.done for choice in choices.values()):
-                    prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
-                    completion_tokens = sum(choice.completion_tokens for choice in choices.values())
-                    events.append(UsageReport(Usage.from_counts(
-                        prompt_tokens, completion_tokens, self.pricing.input_per_million_tokens / 1e6,
-                        self.pricing.output_per_million_tokens / 1e6)))
+                    events.append(UsageReport(self._usage(prompts, list(choices.values()), request.n)))
                     yield events
                     return
                 if events:
@@ -205,6 +201,20 @@ class ChatProcessor:
             raise RuntimeError("the engine stream ended before every choice finished")
         finally:
             await _close(stream)
+
+    def _usage(self, prompts: list[_Prompt], choices: list[_Choice], n: int) -> Usage:
+        """Usage over all choices. A prompt counts once however many choices share it, and so do its cached
+        tokens: those its least-cached choice found, the tokens none of its choices had to compute. (Choices
+        admitted later may find the blocks an earlier one computed; this request paid for those.)"""
+        cached_tokens = sum(min(choice.cached_tokens for choice in choices[p * n:(p + 1) * n])
+                            for p in range(len(prompts)))
+        pricing = self.pricing
+        prompt_tokens = sum(len(prompt.token_ids) for prompt in prompts)
+        completion_tokens = sum(choice.completion_tokens for choice in choices)
+        return Usage.from_counts(
+            prompt_tokens, completion_tokens, pricing.input_per_million_tokens / 1e6,
+            pricing.output_per_million_tokens / 1e6, cached_tokens=cached_tokens,
+            cached_input_price_per_token=pricing.cached_input_per_million / 1e6)
 
     def token_logprobs(self, outputs: list[RequestOutput]) -> list[TokenLogprob]:
         """OpenAI's per-token logprobs for the tokens in `outputs`, in order."""
@@ -240,12 +250,16 @@ class _Choice:
         # Text, logprobs and tokens not sent yet (the echoed prompt goes out with the first delta).
         self.held_text, self.held_logprobs, self.held_tokens = echo, [], 0
         self.completion_tokens = 0
+        self.cached_tokens = 0  # of its prompt, as its first output reports them
         self.done = False
 
     def push(self, outputs: list[RequestOutput]) -> ChoiceDelta | None:
         """Take this choice's outputs from one message; the delta to send now, if any."""
         if self.done:
             return None  # ended on a stop string: what the engine made after it is not the reply's
+        first = outputs[0].num_cached_tokens
+        if first is not None:
+            self.cached_tokens = first
         new_tokens = [t for output in outputs for t in output.new_token_ids]
         if self.has_stop_strings:
             # One token at a time, so a stop string completed mid-batch ends the count (usage) and the

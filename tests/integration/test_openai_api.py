@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 
 import httpx
@@ -122,6 +123,58 @@ def test_openai_client_async_concurrent(server):
 
     texts = asyncio.run(run())
     assert len(set(texts)) == 1 and texts[0]  # greedy: every concurrent request, streamed or not, agrees
+
+
+def _usage_of(client: openai.OpenAI, stream: bool, **request):
+    """The usage the client sees, from the body or from a stream's usage chunk (`include_usage`), and the
+    reply's text."""
+    if not stream:
+        completion = client.chat.completions.create(model=MODEL, **request)
+        return completion.usage, completion.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, stream=True,
+                                                 stream_options={"include_usage": True}, **request))
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert chunks[-1].choices == []
+    return chunks[-1].usage, text
+
+
+def test_cached_tokens_grow_over_a_conversation(client):
+    """Every turn resends the conversation: the next one is served the last one's prompt from the cache."""
+    # Its own opening words, so that no earlier request shares even the first block with this conversation.
+    system = (f"Conversation {uuid.uuid4().hex}. You are a patient guide to the mountains of Europe; "
+              "answer in short plain sentences.")
+    messages = [{"role": "system", "content": system}]
+    questions = ["Which range has the highest summit, and how high is it above the sea?",
+                 "How long does a fit walker need to climb it in summer, with one night in a hut?",
+                 "What should I pack for that night in the hut, and what can I rent there instead?",
+                 "Is there a train that goes most of the way up, and when does it run in the season?"]
+    previous_prompt, previous_cached = 0, 0
+    for turn, question in enumerate(questions):
+        messages.append({"role": "user", "content": question})
+        stream = turn % 2 == 1  # streamed and not, turn about
+        usage, text = _usage_of(client, stream, messages=messages, max_tokens=8, temperature=0)
+        cached = usage.prompt_tokens_details.cached_tokens
+        assert cached % 16 == 0 and cached < usage.prompt_tokens, (turn, usage)
+        if turn == 0:
+            assert cached == 0, usage
+        else:
+            # At least every full block of the last turn's prompt, which this prompt begins with.
+            assert cached >= previous_prompt // 16 * 16 and cached > previous_cached, (turn, usage)
+        # Cached input is priced as input by default: the cost is what it was before caching.
+        assert usage.estimated_cost == pytest.approx(usage.total_tokens * 0.2e-6)
+        previous_prompt, previous_cached = usage.prompt_tokens, cached
+        messages.append({"role": "assistant", "content": text})
+
+
+def test_completions_report_the_cached_prompt_tokens(client):
+    prompt = f"Notes {uuid.uuid4().hex}: " + "the river runs past the mill and under the stone bridge. " * 4
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, stream=True,
+                                            stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == first.usage.prompt_tokens
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16 > 0
 
 
 # -- greedy equals transformers' generate, tp=2 and tp=1 ----------------------------------------------------

@@ -24,10 +24,12 @@ def tokenizer(tiny_checkpoint):
     return PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
 
 
-def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest]):
+def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest], cached: dict[int, int] | None = None):
     """A fake engine that answers every request of a call with `reply`'s tokens, one per step (each step's
-    outputs for all requests in one message), then EOS."""
+    outputs for all requests in one message), then EOS. Choice `i`'s first output says that `cached[i]` of
+    its prompt tokens were cached (0 when not given)."""
     ids = tokenizer.encode(reply, add_special_tokens=False)
+    cached = cached or {}
 
     async def generate(requests: list[EngineRequest]):
         seen.extend(requests)
@@ -38,16 +40,20 @@ def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest]):
                 if i < len(tokens):
                     last = i == len(tokens) - 1
                     reason = (FinishReason.LENGTH if len(tokens) < len(ids) else FinishReason.STOP) if last else None
-                    batch.append(RequestOutput(request.choice, [tokens[i]], finish_reason=reason))
+                    batch.append(RequestOutput(request.choice, [tokens[i]], finish_reason=reason,
+                                               num_cached_tokens=cached.get(request.choice.index, 0)
+                                               if i == 0 else None))
             if batch:
                 yield batch
 
     return generate
 
 
-def make_stage(tokenizer, reply: str, seen: list, **api) -> ChatProcessor:
+def make_stage(tokenizer, reply: str, seen: list, cached: dict[int, int] | None = None,
+               pricing: PricingConfig | None = None, **api) -> ChatProcessor:
     model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
-    return ChatProcessor(tokenizer, model, PricingConfig(), scripted_engine(tokenizer, reply, seen), ApiConfig(**api))
+    generate = scripted_engine(tokenizer, reply, seen, cached)
+    return ChatProcessor(tokenizer, model, pricing or PricingConfig(), generate, ApiConfig(**api))
 
 
 def collect(stream) -> list:
@@ -286,3 +292,32 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(tokenizer, monkeypatch):
             {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 2})))
     short, long = threads
     assert short == threading.get_ident() and long != threading.get_ident()  # asyncio.run runs on this thread
+
+
+def test_cached_prompt_tokens_count_once_per_prompt_and_are_priced_as_cached_input(tokenizer):
+    """Two prompts, two choices each: a prompt's cached tokens are what all of its choices found, counted
+    once like its tokens; the cost prices them at the cached-input price."""
+    pricing = PricingConfig(input_per_million_tokens=1.0, cached_input_per_million_tokens=0.1,
+                            output_per_million_tokens=2.0)
+    stage = make_stage(tokenizer, "and so on", [], cached={0: 32, 1: 16, 2: 48, 3: 32}, pricing=pricing)
+    prompts = ["Tell me about the sea. " * 12, "Tell me about the hills. " * 12]
+    request = CompletionRequest.model_validate({"model": MODEL, "prompt": prompts, "n": 2})
+    usage = collect(stage.complete(request))[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == 16 + 32
+    expected = ((usage.prompt_tokens - 48) * 1.0 + 48 * 0.1 + usage.completion_tokens * 2.0) / 1e6
+    assert usage.estimated_cost == pytest.approx(expected, abs=1e-10)
+    # Unpriced, a cached token costs what any input token does.
+    plain = make_stage(tokenizer, "and so on", [], cached={0: 32, 1: 16, 2: 48, 3: 32},
+                       pricing=PricingConfig(input_per_million_tokens=1.0, output_per_million_tokens=2.0))
+    plain_usage = collect(plain.complete(request))[-1].usage
+    assert plain_usage.estimated_cost == pytest.approx(
+        (plain_usage.prompt_tokens * 1.0 + plain_usage.completion_tokens * 2.0) / 1e6, abs=1e-10)
+
+
+def test_chat_usage_reports_the_cached_prompt_tokens(tokenizer):
+    messages = [{"role": "system", "content": "Be brief. " * 20}, {"role": "user", "content": "Hi"}]
+    request = ChatCompletionRequest.model_validate({"model": MODEL, "messages": messages})
+    usage = collect(make_stage(tokenizer, "Hello there", [], cached={0: 48}).chat(request))[-1].usage
+    assert usage.prompt_tokens_details.cached_tokens == 48 < usage.prompt_tokens
+    assert collect(make_stage(tokenizer, "Hello there", []).chat(request))[-1].usage.prompt_tokens_details \
+        .cached_tokens == 0

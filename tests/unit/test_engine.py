@@ -13,7 +13,7 @@ from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.engine import Engine, start_engine
 from serve_app.engine.sampler import PenaltyTable, SamplingBatch, sample
 from serve_app.engine.sampling_params import SamplingParams
-from serve_app.engine.sequence import ChoiceId, EngineRequest, FinishReason, Sequence
+from serve_app.engine.sequence import ChoiceId, EngineRequest, FinishReason, RequestOutput, Sequence
 from serve_app.errors import InvalidRequestError
 
 MAX_NEW = 24
@@ -261,3 +261,27 @@ def test_tensor_parallel_with_shared_prefixes_matches_generate(tiny_checkpoint, 
             assert results[f"r{index}"] == reference(prompt)
     finally:
         engine.shutdown()
+
+
+def _outputs_of(engine: Engine, name: str, prompt: list[int], n: int = 1) -> list[RequestOutput]:
+    for index in range(n):
+        engine.add_request(EngineRequest(ChoiceId(name, index), prompt,
+                                         SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)))
+    outputs = []
+    while engine.has_unfinished():
+        outputs.extend(engine.step())
+    return outputs
+
+
+def test_each_choice_reports_the_prompt_tokens_it_found_cached_on_its_first_output(engine_tp1):
+    prompt = _random_prompts(1, seed=16, low=99, high=100)[0]  # 100 tokens: six full blocks and four more
+    first = _outputs_of(engine_tp1, "cold", prompt)
+    assert [o.num_cached_tokens for o in first] == [0] + [None] * 5
+    again = _outputs_of(engine_tp1, "warm", prompt)
+    assert [o.num_cached_tokens for o in again] == [96] + [None] * 5  # every full block of the prompt
+    # A prompt that shares the first 70 tokens shares their four full blocks, and nothing after them.
+    branch = prompt[:70] + _random_prompts(1, seed=17, low=30, high=31)[0]
+    assert _outputs_of(engine_tp1, "branch", branch)[0].num_cached_tokens == 64
+    # Choices admitted together each report what they found: the blocks were there before either ran.
+    both = [o for o in _outputs_of(engine_tp1, "pair", prompt, n=2) if o.num_cached_tokens is not None]
+    assert sorted((o.choice.index, o.num_cached_tokens) for o in both) == [(0, 96), (1, 96)]

@@ -422,7 +422,8 @@ def test_chunks_validate_with_the_openai_client() -> None:
             choices=[ChatCompletionChunkChoice(index=0, delta=DeltaMessage(), finish_reason="stop")],
         ),
         ChatCompletionChunk(
-            id=cid, created=created, model=MODEL, choices=[], usage=Usage.from_counts(3, 2, 0, 0)
+            id=cid, created=created, model=MODEL, choices=[],
+            usage=Usage.from_counts(3, 2, 0, 0, cached_tokens=1),
         ),
     ]
     data = [json.loads(chunk.model_dump_json()) for chunk in chunks]
@@ -444,8 +445,11 @@ def test_chunks_validate_with_the_openai_client() -> None:
         "prompt_tokens": 3,
         "completion_tokens": 2,
         "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 1},
         "estimated_cost": 0.0,
     }
+    usage = openai.types.chat.ChatCompletionChunk.model_validate(data[3]).usage
+    assert usage is not None and usage.prompt_tokens_details.cached_tokens == 1
 
 
 def test_completion_ids_are_unique() -> None:
@@ -460,6 +464,15 @@ def test_usage_from_counts() -> None:
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (149, 338, 487)
     assert usage.estimated_cost == pytest.approx(149 * 7e-8 + 338 * 9e-7, abs=1e-10)
     assert isinstance(usage.estimated_cost, float)
+    assert usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_cached_prompt_tokens_are_priced_apart_and_default_to_the_input_price() -> None:
+    usage = Usage.from_counts(149, 338, 7e-8, 9e-7, cached_tokens=128, cached_input_price_per_token=1e-8)
+    assert usage.prompt_tokens == 149 and usage.prompt_tokens_details.cached_tokens == 128
+    assert usage.estimated_cost == pytest.approx(21 * 7e-8 + 128 * 1e-8 + 338 * 9e-7, abs=1e-10)
+    unpriced = Usage.from_counts(149, 338, 7e-8, 9e-7, cached_tokens=128)
+    assert unpriced.estimated_cost == Usage.from_counts(149, 338, 7e-8, 9e-7).estimated_cost
 
 
 def test_model_list_validates_with_the_openai_client() -> None:

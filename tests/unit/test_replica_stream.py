@@ -187,3 +187,24 @@ def test_a_stop_string_ends_one_of_four_choices_in_the_engine_while_the_others_r
     # Once choice 2 has stopped, the engine runs three sequences while the others go on.
     after_stop = seen[next(i for i, (choices, _) in enumerate(seen) if 2 in choices) + 1:]
     assert any(running == 3 for choices, running in after_stop if choices & {0, 1, 3})
+
+
+def test_a_first_output_cut_at_a_stop_string_still_says_what_the_prompt_found_cached(tiny_checkpoint):
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
+    ids = tokenizer.encode("Sure. The end. More text", add_special_tokens=False)
+    choice = ChoiceId("cut", 0)
+
+    async def run() -> list[RequestOutput]:
+        host = ScriptedHost()
+        client = EngineClient(host, tokenizer=tokenizer)
+        stream = client.generate([EngineRequest(choice, [1, 2], SamplingParams(max_tokens=20, stop=("end",)))])
+        first = asyncio.ensure_future(stream.__anext__())
+        await _let_the_streams_run()
+        host.emit([RequestOutput(choice, ids, num_cached_tokens=32)])  # the stop string is in its first output
+        batch = await first
+        await stream.aclose()
+        return batch
+
+    (output,) = asyncio.run(run())
+    assert output.finish_reason is FinishReason.STOP and len(output.new_token_ids) < len(ids)
+    assert output.num_cached_tokens == 32

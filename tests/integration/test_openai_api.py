@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -138,8 +139,19 @@ def _usage_of(client: openai.OpenAI, stream: bool, **request):
     return chunks[-1].usage, text
 
 
-def test_cached_tokens_grow_over_a_conversation(client):
+def _one_replica_group(server: str, timeout_s: float = 240.0) -> None:
+    """Wait until the application runs one replica group: an earlier test's load may have autoscaled it to two
+    (gone 30 s after the load), and the default router would then send a turn where its cache is not. Tests
+    run one at a time, so nothing scales it up again while a test here runs."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{server}/health", timeout=10).json().get("replica_groups", {}).get("total") != 1:
+        assert time.monotonic() < deadline, "the application did not scale back to one replica group"
+        time.sleep(1)
+
+
+def test_cached_tokens_grow_over_a_conversation(server, client):
     """Every turn resends the conversation: the next one is served the last one's prompt from the cache."""
+    _one_replica_group(server)
     # Its own opening words, so that no earlier request shares even the first block with this conversation.
     system = (f"Conversation {uuid.uuid4().hex}. You are a patient guide to the mountains of Europe; "
               "answer in short plain sentences.")
@@ -166,7 +178,8 @@ def test_cached_tokens_grow_over_a_conversation(client):
         messages.append({"role": "assistant", "content": text})
 
 
-def test_completions_report_the_cached_prompt_tokens(client):
+def test_completions_report_the_cached_prompt_tokens(server, client):
+    _one_replica_group(server)
     prompt = f"Notes {uuid.uuid4().hex}: " + "the river runs past the mill and under the stone bridge. " * 4
     first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
     assert first.usage.prompt_tokens_details.cached_tokens == 0

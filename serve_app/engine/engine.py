@@ -113,6 +113,9 @@ class Engine:
             return
         self._grammar_waiting[request.choice] = (seq, self.grammars.prepare(params.grammar))
         self._admit_prepared()  # a cached grammar's request joins the queue at once
+        error = self._refused.pop(request.choice, None)
+        if error is not None:  # known at once (a grammar that failed before): refused here, not later
+            raise error
 
     def abort_request(self, choice: ChoiceId) -> bool:
         """Cancel a choice; its KV blocks are free when this returns. False if it was unknown or finished."""

@@ -29,9 +29,13 @@ from serve_app.stage.tools import arguments_schema
 
 # llguidance's JSON options: fixed separators, no free whitespace (see the module docstring).
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# A reply that is text, when tools are offered with tool_choice "auto": anything that does not open like a
-# call (JSON or a fenced block), so that every call the model starts is decoded under the tools' schemas.
-FREE_TEXT_RULE = r'text: /[^\s{\[`](?s:.)*/ | ""'
+# A reply that is text, when tools are offered with tool_choice "auto": anything whose first visible
+# character does not open a call (JSON, or a fenced block), so that every call the model starts, after any
+# whitespace (Llama 2 chat often opens with two spaces), is decoded under the tools' schemas.
+TEXT_OR_CALLS = r"""start: /\s*/ answer
+answer: calls | text
+text: /[^\s{\[`](?s:.)*/ | ""
+"""
 SCHEMA_CACHE_SIZE = 256
 
 
@@ -57,7 +61,7 @@ def request_grammar(request: SamplingRequest) -> str | None:
     if request.tool_choice == "required" or request.forced_tool is not None:
         return f"start: / ?/ calls\n{calls}"
     if response is None:
-        return f"start: / ?/ answer\nanswer: calls | text\n{FREE_TEXT_RULE}\n{calls}"
+        return TEXT_OR_CALLS + calls
     return f"start: / ?/ answer\nanswer: calls | {response}\n{calls}"
 
 
@@ -70,8 +74,11 @@ def tool_calls_rules(tools: list[Tool], forced: str | None, parallel: bool) -> s
     calls = 'calls: call | "[" call (", " call)* "]"' if parallel and forced is None else "calls: call"
     rules = [calls, "call: " + " | ".join(f"call_{i}" for i in range(len(offered)))]
     for i, tool in enumerate(offered):
-        head = '{"name": ' + json.dumps(tool.function.name, ensure_ascii=False) + ', "arguments": '
-        rules.append(f'call_{i}: {json.dumps(head, ensure_ascii=False)} arguments_{i} "}}"')
+        # Piece by piece as JSON's own tokens, not one literal: beside a JSON response format that also opens
+        # with '{', the lexer must be able to end a token where that format's grammar does.
+        pieces = ["{", '"name"', ": ", json.dumps(tool.function.name, ensure_ascii=False), ", ", '"arguments"', ": "]
+        head = " ".join(json.dumps(piece, ensure_ascii=False) for piece in pieces)
+        rules.append(f'call_{i}: {head} arguments_{i} "}}"')
         rules.append(f"arguments_{i}: {json_rule(arguments_schema(tool))}")
     return "\n".join(rules) + "\n"
 

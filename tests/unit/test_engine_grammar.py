@@ -289,6 +289,5 @@ def test_without_the_library_the_engine_serves_free_text_and_refuses_grammars(ti
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
-                            timeout=300,
-                            cwd=Path(__file__).resolve().parents[2])
+                            timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -143,8 +143,9 @@ class JsonSchemaFormat(BaseModel):
                       "underscores and dashes, at most 64.")
     description: str | None = Field(None, description="What the format is for; not shown to the model.")
     json_schema: dict[str, Any] = Field(
-        alias="schema", description="A JSON Schema object. Output is decoded under it, so it always validates "
-        "(unless max_tokens cuts it); a feature that cannot be enforced is refused with a 400 naming it.")
+        alias="schema", description="A JSON Schema object. Output is decoded under it, so it always "
+        "validates (unless max_tokens cuts it); a feature that cannot be enforced is refused with a 400 "
+        "naming it.")
     strict: bool | None = Field(
         None, description="Accepted for compatibility: output is constrained to the schema either way.")
 
@@ -221,8 +222,9 @@ class SamplingRequest(BaseModel):
     stream: bool = Field(False, description="Send the completion as server-sent events, chunk by chunk.")
     stream_options: StreamOptions | None = Field(None, description="Only allowed when stream is true.")
     response_format: ResponseFormat | None = Field(
-        None, description="{'type': 'text'} (the default), {'type': 'json_object'}, or {'type': 'json_schema', "
-        "'json_schema': {'name', 'schema', 'strict'}}; the JSON formats are enforced while decoding.")
+        None, description="{'type': 'text'} (the default), {'type': 'json_object'}, or {'type': "
+        "'json_schema', 'json_schema': {'name', 'schema', 'strict'}}; the JSON formats are enforced while "
+        "decoding.")
 
     # Resolved by subclasses: whether to return logprobs, and how many alternatives per position.
     def _logprobs(self) -> tuple[bool, int]:

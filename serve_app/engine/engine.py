@@ -127,8 +127,8 @@ class Engine:
         return True
 
     def pop_refused(self) -> dict[ChoiceId, ServiceError]:
-        """Requests that failed after `add_request` took them (their grammar could not be prepared, or could not
-        go on), with why; they are gone from the engine. Each is returned once."""
+        """Requests that failed after `add_request` took them (their grammar could not be prepared, or could
+        not go on), with why; they are gone from the engine. Each is returned once."""
         refused, self._refused = self._refused, {}
         return refused
 
@@ -136,8 +136,8 @@ class Engine:
         return self.scheduler.has_unfinished() or bool(self._grammar_waiting)
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting + len(self._grammar_waiting),
-                           self.block_manager.usage,
+        waiting = self.scheduler.num_waiting + len(self._grammar_waiting)
+        return EngineStats(self.scheduler.num_running, waiting, self.block_manager.usage,
                            self.block_manager.num_free_blocks, self.block_manager.num_blocks,
                            self.num_preemptions, self.scheduler.prefix_query_tokens,
                            self.scheduler.prefix_hit_tokens, self.num_generated_tokens)

@@ -96,7 +96,8 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
             # The stage validated the grammar before sending it, so this is a stage/engine mismatch.
-            raise InvalidRequestError(f"The output constraint cannot be used: {_first_line(matcher.get_error())}")
+            raise InvalidRequestError("The output constraint cannot be used: "
+                                      f"{_first_line(matcher.get_error())}")
         scratch = torch.empty(bitmask_words(self.vocab_size), dtype=torch.int32)
         matcher.unsafe_compute_mask_ptr(scratch.data_ptr(), scratch.numel() * scratch.element_size())
         return matcher
@@ -163,7 +164,8 @@ class GrammarTable:
             return on_device, None
         return on_device, torch.tensor(rows, dtype=torch.int64, device=self.device)
 
-    def accept(self, seqs: list[Sequence], token_ids: list[int]) -> tuple[frozenset[ChoiceId], frozenset[ChoiceId]]:
+    def accept(self, seqs: list[Sequence], token_ids: list[int]
+               ) -> tuple[frozenset[ChoiceId], frozenset[ChoiceId]]:
         """Advance each grammar row's matcher by its sampled token. Returns the choices whose grammar is now
         complete (only EOS could follow), and those whose matcher refused the token (it was allowed by the
         mask, so only non-finite logits can cause that; the matcher cannot continue)."""

@@ -19,11 +19,11 @@ never syncs with the device to find out. The grammar bitmask (structured outputs
 grammar does not allow to -inf, so no later stage can bring one back; a batch without a grammar row fills no
 mask and touches no matcher.
 
-Log-probs are the model's own: `log_softmax` of the logits as they came from the model, before the grammar,
-bias, penalties, temperature and truncation. That is vLLM's default (`logprobs_mode="raw_logprobs"`); OpenAI does
-not document which distribution it reports. The model's distribution means the same thing whatever a
-request's sampling settings, and stays informative for greedy rows, whose processed distribution would be a
-single token.
+Log-probs are the model's own: `log_softmax` of the logits as they came from the model, before the
+grammar, bias, penalties, temperature and truncation. That is vLLM's default
+(`logprobs_mode="raw_logprobs"`); OpenAI does not document which distribution it reports. The model's
+distribution means the same thing whatever a request's sampling settings, and stays informative for greedy
+rows, whose processed distribution would be a single token.
 
 Penalty statistics (which tokens a sequence has seen, how often it produced each) live on the device in the
 `PenaltyTable`, one slot per running sequence that uses a penalty: filled once from its token ids when it
@@ -181,7 +181,8 @@ class SamplingBatch:
         repetition = any(p.repetition_penalty != 1.0 for p in params)
         counting = any(p.frequency_penalty or p.presence_penalty for p in params)
         assert penalty_stats is not None or not (repetition or counting), "penalties need a PenaltyTable"
-        assert (token_bitmask is not None) == any(p.grammar is not None for p in params), "grammars need a mask"
+        grammar = any(p.grammar is not None for p in params)
+        assert (token_bitmask is not None) == grammar, "grammar rows need a token bitmask, and only they"
 
         all_greedy = not any(sampled)
         mixed = not all_greedy and not all(sampled)
@@ -290,9 +291,11 @@ class SamplerOutput:
     top_logprob_values: torch.Tensor | None  # float32 [B, K]
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """Set to -inf every logit of row `rows[g]` (every row, when `rows` is None) whose bit in `bitmask[g]` is 0:
-    bit j of word k stands for token 32k + j, as llguidance and xgrammar write it. Other logits are unchanged.
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None
+                        ) -> torch.Tensor:
+    """Set to -inf every logit of row `rows[g]` (every row, when `rows` is None) whose bit in `bitmask[g]` is
+    0: bit j of word k stands for token 32k + j, as llguidance and xgrammar write it. Other logits are
+    unchanged.
 
     The words are split into bytes with shifts (whatever the machine's byte order), and each byte looks up its
     eight 0 / -inf addends in a 256-row table: one gather and one add, cheaper on the CPU than testing every
@@ -301,7 +304,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     device = logits.device
     bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
     addends = torch.zeros(bits.shape, device=device).masked_fill_(bits == 0, float("-inf"))  # [256, 8]
-    byte_values = (bitmask.unsqueeze(-1) >> torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=device)) & 255
+    byte_shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=device)
+    byte_values = (bitmask.unsqueeze(-1) >> byte_shifts) & 255
     penalty = addends.index_select(0, byte_values.flatten().long()).view(bitmask.shape[0], -1)
     penalty = penalty[:, :logits.shape[-1]]
     return logits + penalty if rows is None else logits.index_add(0, rows, penalty)
@@ -376,7 +380,8 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Grammar, bias and penalties: the logits greedy rows take their argmax of, and sampled rows start from."""
+    """Grammar, bias and penalties: the logits greedy rows take their argmax of, and sampled rows start
+    from."""
     if batch.token_bitmask is not None:
         logits = apply_token_bitmask(logits, batch.token_bitmask, batch.token_bitmask_rows)
     if batch.logit_bias_index is not None:

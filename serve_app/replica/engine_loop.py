@@ -3,8 +3,8 @@
 `run_engine_loop` drives an `Engine` (which is not thread-safe) on one thread: between steps it applies the
 commands that arrived (`AddRequests`, `AbortRequest`, `StopEngine`); it steps while there is work and
 heartbeats while idle; after every step it sends a `StepReport` with that step's outputs, the engine's stats
-and the requests it refused (when added, or later: a grammar that could not be prepared). The loop is the same wherever the engine runs, and `EngineHost` is what the
-replica's `EngineClient` needs of that place:
+and the requests it refused (when added, or later: a grammar that could not be prepared). The loop is the
+same wherever the engine runs, and `EngineHost` is what the replica's `EngineClient` needs of that place:
 
 - `process_host.EngineProcess`: a child process of the replica, commands and reports over a pipe (default);
 - `thread_host.EngineThread`: a thread of the replica's process (`engine.separate_process: false`, tests).

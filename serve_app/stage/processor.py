@@ -6,7 +6,8 @@ at the end.
 
 Forward: render the Llama 2 chat template (with the tool schemas when tools are on) or tokenize the raw
 prompt, check the context budget and the request limits, build the grammar the output must follow
-(`response_format`, tool calls; `structured_output.py`, off the event loop) and per-choice `SamplingParams`. Back, in one
+(`response_format`, tool calls: `structured_output.py`, off the event loop) and per-choice
+`SamplingParams`. Back, in one
 generation loop shared by both routes: incremental detokenization, stop strings (held back until they
 cannot match, never returned), finish reasons, logprobs in OpenAI's shape, tool calls parsed from a finished
 reply, usage and cost. The engine is reached through an injected `generate` function, so tests drive this
@@ -103,8 +104,8 @@ class ChatProcessor:
                                       f"{self.api.max_messages} are allowed.", param="messages")
         messages = request.messages
         if request.uses_tools:
-            messages = with_tools(messages, request.tools, request.forced_tool, request.tool_choice == "required",
-                                  request.parallel_tool_calls)
+            messages = with_tools(messages, request.tools, request.forced_tool,
+                                  request.tool_choice == "required", request.parallel_tool_calls)
         self._check_size([message.content or "" for message in messages], "messages")
         prompt = render_chat_prompt(messages, self._encode, self.tokenizer.bos_token_id,
                                     self.tokenizer.eos_token_id)
@@ -156,7 +157,8 @@ class ChatProcessor:
             prompt, max_tokens = self.prepare(request)
         grammar = await _grammar(request)
         parse = (lambda text: parse_tool_calls(text, request.tools)) if request.uses_tools else None
-        async for events in self._run([_Prompt(prompt, max_tokens)], request, grammar, request.logprobs, parse):
+        prompts = [_Prompt(prompt, max_tokens)]
+        async for events in self._run(prompts, request, grammar, request.logprobs, parse):
             yield events
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[list[StageEvent]]:
@@ -168,8 +170,8 @@ class ChatProcessor:
         async for events in self._run(prompts, request, grammar, request.logprobs is not None, None):
             yield events
 
-    async def _run(self, prompts: list[_Prompt], request: SamplingRequest, grammar: str | None, logprobs: bool,
-                   parse_tools: Callable[[str], list[ToolCall] | None] | None,
+    async def _run(self, prompts: list[_Prompt], request: SamplingRequest, grammar: str | None,
+                   logprobs: bool, parse_tools: Callable[[str], list[ToolCall] | None] | None,
                    ) -> AsyncIterator[list[StageEvent]]:
         """`n` choices per prompt (choice index = prompt index * n + j), streamed as they come.
 

@@ -56,7 +56,8 @@ def request_grammar(request: SamplingRequest) -> str | None:
     if not (isinstance(request, ChatCompletionRequest) and request.uses_tools):
         return None if response is None else f"start: / ?/ {response}\n"
     for i, tool in enumerate(request.tools):
-        check_schema(arguments_schema(tool), f"function '{tool.function.name}'", f"tools.{i}.function.parameters")
+        owner = f"function '{tool.function.name}'"
+        check_schema(arguments_schema(tool), owner, f"tools.{i}.function.parameters")
     calls = tool_calls_rules(request.tools, request.forced_tool, request.parallel_tool_calls)
     if request.tool_choice == "required" or request.forced_tool is not None:
         return f"start: / ?/ calls\n{calls}"
@@ -76,7 +77,8 @@ def tool_calls_rules(tools: list[Tool], forced: str | None, parallel: bool) -> s
     for i, tool in enumerate(offered):
         # Piece by piece as JSON's own tokens, not one literal: beside a JSON response format that also opens
         # with '{', the lexer must be able to end a token where that format's grammar does.
-        pieces = ["{", '"name"', ": ", json.dumps(tool.function.name, ensure_ascii=False), ", ", '"arguments"', ": "]
+        name = json.dumps(tool.function.name, ensure_ascii=False)
+        pieces = ["{", '"name"', ": ", name, ", ", '"arguments"', ": "]
         head = " ".join(json.dumps(piece, ensure_ascii=False) for piece in pieces)
         rules.append(f'call_{i}: {head} arguments_{i} "}}"')
         rules.append(f"arguments_{i}: {json_rule(arguments_schema(tool))}")

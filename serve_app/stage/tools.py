@@ -8,8 +8,9 @@ reply is ordinary text.
 Llama 2 chat was not trained on a tool format, so the convention is the simplest one a chat model follows
 reliably: reply with only a JSON object `{"name": ..., "arguments": {...}}` (or, when parallel calls are
 allowed, a list of them). The reply is decoded under a grammar of exactly that convention and the offered
-functions' argument schemas (`structured_output.py`), so a call the model starts always parses; a reply is
-a call only if it parses as such and names an offered function; anything else is returned as text, unchanged.
+functions' argument schemas (`structured_output.py`), so a call the model starts always parses. A reply is
+a call only if it parses as such and names an offered function; anything else is returned as text,
+unchanged.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Any
 
 from serve_app.protocol import ChatMessage, FunctionCall, Tool, ToolCall
 
-CALL_FORMAT = ('To call one, reply with only a JSON object of the form {"name": "<function name>", "arguments": '
-               "{<arguments as described by its parameters>}} and nothing else")
+CALL_FORMAT = ('To call one, reply with only a JSON object of the form {"name": "<function name>", '
+               '"arguments": {<arguments as described by its parameters>}} and nothing else')
 # What a function without `parameters` takes, as OpenAI defines it: no arguments.
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -29,7 +30,9 @@ NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": Fals
 def tools_instruction(forced: str | None = None, required: bool = False, parallel: bool = True) -> str:
     """The calling convention, as the system message states it: the model may answer in text unless a call is
     `required` or one function is `forced`."""
-    several = "; to call several, reply with a JSON list of such objects." if parallel and forced is None else "."
+    several = "."
+    if parallel and forced is None:
+        several = "; to call several, reply with a JSON list of such objects."
     if forced is not None:
         must = f' You must call the function "{forced}".'
     elif required:

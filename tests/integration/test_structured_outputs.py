@@ -36,9 +36,11 @@ ITEM = {
     "additionalProperties": False,
 }
 ITEM_FORMAT = {"type": "json_schema", "json_schema": {"name": "item", "schema": ITEM, "strict": True}}
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
-    "required": ["city", "unit"], "additionalProperties": False}}}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
     "required": ["a"], "additionalProperties": False}}}
@@ -126,7 +128,8 @@ def test_a_forced_tool_call_parses_and_names_the_function(tp1, stream):
                "n": 2, "seed": 5, "max_tokens": 200}
     if stream:
         texts, reasons, deltas = streamed_choices(tp1.chat.completions.create(**request, stream=True))
-        calls = {index: [(d.function.name, d.function.arguments) for d in found] for index, found in deltas.items()}
+        calls = {index: [(d.function.name, d.function.arguments) for d in found]
+                 for index, found in deltas.items()}
         assert all(not text for text in texts.values())
     else:
         completion = tp1.chat.completions.create(**request)
@@ -146,8 +149,8 @@ def test_tool_choice_required_and_parse_with_a_pydantic_tool(tp1):
         a: int = Field(ge=0, le=9)
 
     completion = tp1.chat.completions.parse(
-        model=MODEL, messages=[{"role": "user", "content": "Add."}], tools=[openai.pydantic_function_tool(Add)],
-        tool_choice="required", parallel_tool_calls=False, seed=2, max_tokens=100)
+        model=MODEL, messages=[{"role": "user", "content": "Add."}],
+        tools=[openai.pydantic_function_tool(Add)], tool_choice="required", parallel_tool_calls=False, seed=2, max_tokens=100)
     (choice,) = completion.choices
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
@@ -188,8 +191,9 @@ def test_what_cannot_be_enforced_is_a_400_with_param(server, body, param, says):
     for route, payload in (("chat/completions", {"messages": HELLO}), ("completions", {"prompt": "x"})):
         if "tools" in body and route == "completions":
             continue
-        response = httpx.post(f"{server}{EDGE_PREFIX}/v1/{route}", headers={"Authorization": f"Bearer {EDGE_KEY}"},
-                              json={"model": MODEL, **payload, **body}, timeout=30)
+        response = httpx.post(f"{server}{EDGE_PREFIX}/v1/{route}", json={"model": MODEL, **payload, **body},
+                              headers={"Authorization": f"Bearer {EDGE_KEY}"}, timeout=30)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
-        assert error["param"] == param and says in error["message"] and error["type"] == "invalid_request_error"
+        assert error["param"] == param and says in error["message"]
+        assert error["type"] == "invalid_request_error"

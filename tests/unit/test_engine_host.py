@@ -121,11 +121,12 @@ def test_grammars_cross_to_the_engine_process_and_a_failed_one_is_refused(runner
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}
-    request = _request("json", PROMPTS[0], SamplingParams(max_tokens=20, seed=3, grammar="start: " + json_rule(schema)))
+    grammar = "start: " + json_rule(schema)
+    request = _request("json", PROMPTS[0], SamplingParams(max_tokens=20, seed=3, grammar=grammar))
     assert json.loads(tokenizer.decode(runner.run(_tokens(client, [request]))[request.choice])) in (
         {"ok": True}, {"ok": False})
     # Prepared after the request was added, on the engine's grammar thread: refused by a later report.
-    bad = _request("bad-grammar", PROMPTS[0], SamplingParams(max_tokens=4, grammar="start: %json {\"type\": 7}"))
+    bad = _request("bad-grammar", PROMPTS[0], SamplingParams(max_tokens=4, grammar='start: %json {"type": 7}'))
     with pytest.raises(InvalidRequestError, match="output constraint"):
         runner.run(_tokens(client, [bad]))
 

@@ -112,7 +112,8 @@ def build(params: list[SamplingParams], vocab_size: int, prompts: list[list[int]
         seqs = [Sequence(ChoiceId("row", i), list(prompt), p, output_token_ids=list(output))
                 for i, (p, prompt, output) in enumerate(zip(params, prompts, outputs, strict=True))]
         stats = table.stats(table.slots(seqs))
-    return SamplingBatch.build(params, generators or [None] * len(params), vocab_size, CPU, stats, token_bitmask)
+    return SamplingBatch.build(params, generators or [None] * len(params), vocab_size, CPU, stats,
+                               token_bitmask)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -485,7 +486,7 @@ def test_cheap_path_skips_every_stage() -> None:
     assert not plain.all_greedy and plain.shared_noise
 
 
-# -- grammar bitmask (structured outputs) ---------------------------------------------------------------------
+# -- grammar bitmask (structured outputs) --------------------------------------------------------------------
 
 GRAMMAR = "start: any"  # rows with a grammar; the sampler reads only whether one is set
 
@@ -541,8 +542,10 @@ def test_a_grammar_row_draws_from_its_allowed_tokens_only(case: str) -> None:
 def test_greedy_grammar_rows_take_the_best_allowed_token_and_other_rows_are_untouched() -> None:
     vocab = 40
     logits = torch.randn(4, vocab, generator=seeded(5)) * 3
-    params = [SamplingParams(max_tokens=1, temperature=0.0, grammar=GRAMMAR), SamplingParams(max_tokens=1, seed=3),
-              SamplingParams(max_tokens=1, temperature=0.0), SamplingParams(max_tokens=1, seed=4, grammar=GRAMMAR)]
+    params = [SamplingParams(max_tokens=1, temperature=0.0, grammar=GRAMMAR),
+              SamplingParams(max_tokens=1, seed=3),
+              SamplingParams(max_tokens=1, temperature=0.0),
+              SamplingParams(max_tokens=1, seed=4, grammar=GRAMMAR)]
     allowed = [{1, 17, 33}, {5, 6}]
     mask = (bitmask_of(allowed, vocab), torch.tensor([0, 3]))
     gens = [None, seeded(3), None, seeded(4)]

@@ -114,7 +114,8 @@ def test_tool_choice_required_and_named_allow_only_calls(accepts):
     single = request_grammar(chat(tools=[WEATHER, NOW], tool_choice="required", parallel_tool_calls=False))
     assert accepts(single, json.dumps(call("get_weather", {"city": "Oslo"})))
     assert not accepts(single, json.dumps([call("now", {})]))
-    named = request_grammar(chat(tools=[WEATHER, NOW], tool_choice={"type": "function", "function": {"name": "now"}}))
+    named = request_grammar(chat(tools=[WEATHER, NOW],
+                                 tool_choice={"type": "function", "function": {"name": "now"}}))
     assert accepts(named, json.dumps(call("now", {})))
     assert not accepts(named, json.dumps(call("get_weather", {"city": "Oslo"})))
     assert not accepts(named, json.dumps([call("now", {})]))

@@ -1,11 +1,11 @@
 """Engine throughput with grammars (structured outputs) beside the same batch without; grammar preparation.
 
 Measures output tokens/s of the engine (no Ray, no HTTP) for one batch of `--concurrency` sequences three
-ways, interleaved in every repeat so that their ratios come from the same minutes of this machine: no
+ways, interleaved in every round so that their ratios come from the same minutes of this machine: no
 grammar; every row under one JSON schema; every row under a schema of its own, never seen before (so its
 preparation, on the engine's grammar thread, happens during the run). Every request generates exactly
 `--output-len` tokens: the schema's array needs more items than that many tokens can write, so no grammar
-completes early, and the grammar-free rows ignore EOS. Then the time to prepare a schema: the first one of
+completes early, and the grammar-free rows ignore EOS. And the time to prepare a schema: the first one of
 an engine (which loads the tokenizer), a new one (cold) and one seen before (cached, with the copy each
 sequence gets).
 
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="median of this many interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="median of this many interleaved rounds")
     parser.add_argument("--preparation-samples", type=int, default=16)
     parser.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="CPU only")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -148,7 +148,9 @@ def main() -> None:
             run(engine, batch[:2], 8, way(-1)[:2])
         rounds: dict[str, list[float]] = {name: [] for name in ways}
         for r in range(args.repeats):
-            for name, way in ways.items():
+            # Every other round runs the ways in reverse order, so that a load on the machine that grows or
+            # fades over a round does not favour one way.
+            for name, way in (list(ways.items()) if r % 2 == 0 else list(ways.items())[::-1]):
                 rounds[name].append(run(engine, batch, args.output_len, way(r)))
             figures = ", ".join(f"{name} {values[-1]:.1f} tok/s" for name, values in rounds.items())
             print(f"round {r}: {figures}", flush=True)

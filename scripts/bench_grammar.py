@@ -10,6 +10,7 @@ an engine (which loads the tokenizer), a new one (cold) and one seen before (cac
 sequence gets).
 
     python scripts/bench_grammar.py                    # CPU, the tiny default checkpoint
+    python scripts/bench_grammar.py --threads 1        # steadier where other work shares the cores
     python scripts/bench_grammar.py --profile 20       # also cProfile the every-row-one-schema run
 """
 
@@ -128,6 +129,10 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="median of this many interleaved rounds")
     parser.add_argument("--preparation-samples", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice). 1 keeps the figures steady on a "
+                        "machine where another torch process runs: two processes' thread pools on the same "
+                        "cores slow each other's steps many times over")
     parser.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="CPU only")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="cProfile one every-row-one-schema run and print its N most costly functions")
@@ -135,6 +140,8 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model_config = ModelConfig(source=args.source, served_model_id="bench", dtype=args.dtype,
                                tensor_parallel_size=1, max_model_len=4096)
     # Repeats send the same prompts again: without the prefix cache every run computes its prompts.

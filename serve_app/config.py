@@ -57,6 +57,10 @@ class EngineConfig(StrictModel):
     enable_prefix_caching: bool = Field(
         True, description="Share the KV blocks of identical prompt prefixes (system prompts, earlier turns) "
         "between requests instead of computing them again.")
+    grammar_cache_size: int = Field(
+        256, ge=1, description="Prepared grammars (structured outputs' JSON schemas, tool-call formats) the "
+        "engine keeps, the least recently used evicted first: requests with a schema seen before start "
+        "without preparing it again.")
     separate_process: bool = Field(
         True, description="Run rank 0's engine in a process of its own instead of on a thread of the Serve "
         "replica's process, so that the replica's streaming (Python, per message) and the engine's step "

@@ -80,6 +80,29 @@ class ContextLengthExceededError(InvalidRequestError):
         self.max_model_len = max_model_len
 
 
+class InvalidSchemaError(InvalidRequestError):
+    """A JSON Schema (`response_format`'s, or a tool's parameters) that output cannot be constrained to: not a
+    schema, or using a feature the grammar library does not implement, which the message names."""
+
+    def __init__(self, owner: str, detail: str, *, param: str) -> None:
+        super().__init__(f"Invalid schema for {owner}: {detail}", param=param)
+
+
+class GrammarUnavailableError(ServiceError):
+    """A request needs constrained decoding (structured outputs, tool calls) and this server cannot do it:
+    the grammar library is not installed where it runs. A retry would meet the same server, so no
+    Retry-After."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "structured_outputs_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("This server cannot constrain its output: structured outputs (response_format "
+                         "json_object or json_schema) and tool calls need the 'llguidance' package, which is "
+                         "not installed here.")
+
+
 class AuthenticationError(ServiceError):
     """The API key is missing or wrong. The message shows at most the key's ends, as OpenAI does."""
 

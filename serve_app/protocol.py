@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
     field_validator,
     model_serializer,
     model_validator,
@@ -133,20 +134,53 @@ class StreamOptions(BaseModel):
     )
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the JSON Schema the output must satisfy, and its name."""
+
+    model_config = ConfigDict(**_REQUEST_CONFIG, populate_by_name=True)
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="The format's name: letters, digits, "
+                      "underscores and dashes, at most 64.")
+    description: str | None = Field(None, description="What the format is for; not shown to the model.")
+    json_schema: dict[str, Any] = Field(
+        alias="schema", description="A JSON Schema object. Output is decoded under it, so it always "
+        "validates (unless max_tokens cuts it); a feature that cannot be enforced is refused with a 400 "
+        "naming it.")
+    strict: bool | None = Field(
+        None, description="Accepted for compatibility: output is constrained to the schema either way.")
+
+
 class ResponseFormat(BaseModel):
-    """The output format. Only plain text is accepted: nothing here constrains decoding to JSON, and a
-    client that asks for JSON should hear so at once rather than get prose it cannot parse."""
+    """The output format: free text, any JSON object, or JSON that validates against a schema. The JSON
+    formats are enforced while decoding (`stage/structured_output.py`), not asked of the model."""
 
     model_config = _REQUEST_CONFIG
 
-    type: Literal["text"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = Field(None, description="Required with type 'json_schema' only.")
 
-    @field_validator("type", mode="before")
-    @classmethod
-    def _only_text(cls, value: Any) -> Any:
-        if value in ("json_object", "json_schema"):
-            raise _invalid("Only 'text' is supported; this service cannot constrain its output to JSON")
-        return value
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise _invalid("Required when type is 'json_schema'", param="json_schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise _invalid("Only allowed when type is 'json_schema'", param="json_schema")
+        return self
+
+
+class ToolChoiceFunction(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` naming the one function the model must call."""
+
+    model_config = _REQUEST_CONFIG
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class SamplingRequest(BaseModel):
@@ -187,6 +221,10 @@ class SamplingRequest(BaseModel):
     user: str | None = Field(None, description="An end-user identifier, for abuse monitoring only.")
     stream: bool = Field(False, description="Send the completion as server-sent events, chunk by chunk.")
     stream_options: StreamOptions | None = Field(None, description="Only allowed when stream is true.")
+    response_format: ResponseFormat | None = Field(
+        None, description="{'type': 'text'} (the default), {'type': 'json_object'}, or {'type': "
+        "'json_schema', 'json_schema': {'name', 'schema', 'strict'}}; the JSON formats are enforced while "
+        "decoding.")
 
     # Resolved by subclasses: whether to return logprobs, and how many alternatives per position.
     def _logprobs(self) -> tuple[bool, int]:
@@ -226,11 +264,17 @@ class SamplingRequest(BaseModel):
             raise _invalid("Only allowed when stream is true", param="stream_options")
         return self
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    @property
+    def wants_json(self) -> bool:
+        """Whether the output is constrained to JSON (`response_format` json_object or json_schema)."""
+        return self.response_format is not None and self.response_format.type != "text"
+
+    def to_sampling_params(self, max_tokens: int, grammar: str | None = None) -> SamplingParams:
         """The engine's view of this request, for one of its `n` sequences.
 
         `max_tokens` is the resolved budget: the caller caps `self.max_tokens` (or, when that is None,
-        fills in) the room the prompt leaves in the context.
+        fills in) the room the prompt leaves in the context. `grammar`: what the output must match, as the
+        stage built it from `response_format` and the tools (`stage/structured_output.py`).
         """
         logprobs, top_logprobs = self._logprobs()
         return SamplingParams(
@@ -247,6 +291,7 @@ class SamplingRequest(BaseModel):
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             stop=tuple(self.stop or ()),
+            grammar=grammar,
         )
 
 
@@ -275,18 +320,29 @@ class ChatCompletionRequest(SamplingRequest):
         description="Also return this many most likely tokens per position; needs logprobs.",
     )
     tools: list[Tool] | None = Field(None, description="Functions the model may call.")
-    tool_choice: Literal["none", "auto"] | None = Field(
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None,
-        description="Whether the model may call a tool. None means 'auto' with tools, 'none' without; "
-        "naming a specific function is not supported.",
+        description="'auto' (the default with tools): text or calls; 'required': one or more calls; "
+        "{'type': 'function', 'function': {'name': ...}}: a call of that function; 'none' (the default "
+        "without tools): no call, the tools are not shown. Calls are decoded under the functions' schemas.",
     )
-    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is accepted.")
+    parallel_tool_calls: bool = Field(
+        True, description="Whether a reply may call several functions (a JSON list of calls); false allows "
+        "exactly one call.")
 
     @field_validator("tool_choice", mode="before")
     @classmethod
-    def _no_forced_tool(cls, value: Any) -> Any:
-        if value == "required" or isinstance(value, dict):
-            raise _invalid("Only 'none' and 'auto' are supported; a specific function cannot be forced")
+    def _tool_choice_shape(cls, value: Any) -> Any:
+        # Checked by hand rather than as a union, so that an error names the field, not a union member.
+        if isinstance(value, dict):
+            try:
+                return NamedToolChoice.model_validate(value)
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                raise _invalid(first["msg"], param=".".join(str(part) for part in first["loc"])) from None
+        if value not in (None, "none", "auto", "required"):
+            raise _invalid("Should be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                           "{'name': ...}}")
         return value
 
     @model_validator(mode="after")
@@ -300,12 +356,21 @@ class ChatCompletionRequest(SamplingRequest):
             raise _invalid("Needs logprobs to be true", param="top_logprobs")
         if self.tool_choice is not None and not self.tools:
             raise _invalid("Only allowed when tools are given", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in {tool.function.name for tool in self.tools}:
+                raise _invalid(f"Names function '{name}', which is not among the tools", param="tool_choice")
         return self
 
     @property
     def uses_tools(self) -> bool:
         """Whether the model is told about the tools and its reply is parsed for a call."""
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The function `tool_choice` names, if it names one."""
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
 
     def _logprobs(self) -> tuple[bool, int]:
         return self.logprobs, self.top_logprobs or 0

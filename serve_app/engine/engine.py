@@ -9,25 +9,33 @@ Plain Python — no Ray, no asyncio — so tests and benchmarks drive it directl
 
 Each `step()` is schedule → prepare → execute (all ranks) → sample (rank 0, on the device) → update. Whoever
 owns the engine (the replica's engine loop) calls `step()` in a loop on one thread and `heartbeat()` while
-idle.
+idle, and after each step hands `pop_refused()` to the requests concerned.
+
+A request with a grammar (structured outputs, tool calls) reaches the scheduler only once its grammar is
+prepared: `GrammarCompiler` prepares it on a background thread (at once when it is cached) while the request
+waits here, so neither a step nor the loop waits for a grammar.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 
 import torch
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.block_manager import BlockManager
+from serve_app.engine.grammar import GrammarCompiler
 from serve_app.engine.model_runner import ModelRunner, StepInput
 from serve_app.engine.sampler import SampledTokens, Sampler
 from serve_app.engine.scheduler import ScheduledChunk, Scheduler, SchedulerLimits
 from serve_app.engine.sequence import ChoiceId, EngineRequest, RequestOutput, Sequence
 from serve_app.engine.worker import load_rank_model, run_worker
-from serve_app.errors import InvalidRequestError
+from serve_app.errors import InternalError, InvalidRequestError, ServiceError
+from serve_app.models.checkpoint import resolve_checkpoint
 from serve_app.parallel.group import (
     GroupAddress,
     TensorParallelGroup,
@@ -37,11 +45,15 @@ from serve_app.parallel.group import (
 
 logger = logging.getLogger(__name__)
 
+# With nothing to run but requests whose grammar is being prepared, a step waits this long for one, so that
+# the loop neither spins nor stops reading its commands.
+GRAMMAR_WAIT_S = 0.01
+
 
 @dataclass(frozen=True)
 class EngineStats:
     num_sequences_running: int
-    num_sequences_waiting: int
+    num_sequences_waiting: int  # in the scheduler's queue, or waiting for their grammar
     kv_cache_usage: float  # share of blocks in use
     num_free_blocks: int
     num_blocks: int
@@ -53,18 +65,24 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: ModelRunner, limits: SchedulerLimits, eos_token_ids: tuple[int, ...],
-                 enable_prefix_caching: bool = True, group: TensorParallelGroup | None = None):
+                 enable_prefix_caching: bool = True, group: TensorParallelGroup | None = None,
+                 grammars: GrammarCompiler | None = None):
         """`group`: the follower ranks this engine owns (started for it by `start_engine`), which it checks
-        and stops with itself; None when another process owns them (an engine in its own process)."""
+        and stops with itself; None when another process owns them (an engine in its own process).
+        `grammars`: prepares the grammars of constrained requests; without it they are refused."""
         self.runner = runner
         self.limits = limits
         self.group = group
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(limits, self.block_manager, eos_token_ids)
         self.sampler = Sampler(limits.max_num_seqs, runner.vocab_size, runner.device)
+        self.grammars = grammars
         self.num_preemptions = 0
         self.num_generated_tokens = 0
         self._sequences: dict[ChoiceId, Sequence] = {}
+        # Requests whose grammar is being prepared, and the future of its template.
+        self._grammar_waiting: dict[ChoiceId, tuple[Sequence, Future]] = {}
+        self._refused: dict[ChoiceId, ServiceError] = {}  # failed after add_request returned; see pop_refused
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -83,25 +101,43 @@ class Engine:
         if outside:
             raise InvalidRequestError(f"Token id {outside[0]} in logit_bias is outside the vocabulary (size "
                                       f"{self.runner.vocab_size}).", param="logit_bias")
+        if params.grammar is not None and self.grammars is None:
+            raise InvalidRequestError("This engine cannot constrain its output (it has no tokenizer to match "
+                                      "grammars with).")
         seq = Sequence(request.choice, list(request.prompt_token_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(self.runner.device).manual_seed(params.seed)
         self._sequences[request.choice] = seq
-        self.scheduler.add(seq)
+        if params.grammar is None:
+            self.scheduler.add(seq)
+            return
+        self._grammar_waiting[request.choice] = (seq, self.grammars.prepare(params.grammar))
+        self._admit_prepared()  # a cached grammar's request joins the queue at once
+        error = self._refused.pop(request.choice, None)
+        if error is not None:  # known at once (a grammar that failed before): refused here, not later
+            raise error
 
     def abort_request(self, choice: ChoiceId) -> bool:
         """Cancel a choice; its KV blocks are free when this returns. False if it was unknown or finished."""
         if self._sequences.pop(choice, None) is None:
             return False
-        self.scheduler.abort(choice)
+        if self._grammar_waiting.pop(choice, None) is None:
+            self.scheduler.abort(choice)
         self.sampler.release(choice)
         return True
 
+    def pop_refused(self) -> dict[ChoiceId, ServiceError]:
+        """Requests that failed after `add_request` took them (their grammar could not be prepared, or could
+        not go on), with why; they are gone from the engine. Each is returned once."""
+        refused, self._refused = self._refused, {}
+        return refused
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._grammar_waiting)
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.block_manager.usage,
+        waiting = self.scheduler.num_waiting + len(self._grammar_waiting)
+        return EngineStats(self.scheduler.num_running, waiting, self.block_manager.usage,
                            self.block_manager.num_free_blocks, self.block_manager.num_blocks,
                            self.num_preemptions, self.scheduler.prefix_query_tokens,
                            self.scheduler.prefix_hit_tokens, self.num_generated_tokens)
@@ -109,24 +145,52 @@ class Engine:
     # -- one step --------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self._grammar_waiting:
+            self._admit_prepared()
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
         for seq in scheduled.preempted:
-            self.sampler.release(seq.choice)  # its penalty state is refilled from its tokens when it resumes
+            self.sampler.preempt(seq.choice)
         if not scheduled.chunks:
+            if self._grammar_waiting:
+                wait_for_futures([future for _, future in self._grammar_waiting.values()], GRAMMAR_WAIT_S,
+                                 FIRST_COMPLETED)
             return []
         step_input, sampling_seqs = prepare_step(scheduled.chunks, self.runner.block_size)
         logits = self.runner.execute(step_input)
         sampled = self.sampler(logits, sampling_seqs)
         self.num_generated_tokens += len(sampled.token_ids)
         finished = self.scheduler.update_from_output(
-            scheduled, {seq.choice: token for seq, token in zip(sampling_seqs, sampled.token_ids)})
+            scheduled, {seq.choice: token for seq, token in zip(sampling_seqs, sampled.token_ids)},
+            sampled.grammar_completed)
+        for choice in sampled.grammar_failed:
+            self.abort_request(choice)
+            self._refused[choice] = InternalError()
         return self._outputs(sampling_seqs, sampled, {seq.choice for seq in finished})
+
+    def _admit_prepared(self) -> None:
+        """Queue the requests whose grammar is prepared, each with its own matcher; refuse those whose grammar
+        failed."""
+        for choice, (seq, future) in list(self._grammar_waiting.items()):
+            if not future.done():
+                continue
+            del self._grammar_waiting[choice]
+            error = future.exception()
+            if error is not None:
+                del self._sequences[choice]
+                self._refused[choice] = error if isinstance(error, ServiceError) else InternalError()
+                if not isinstance(error, ServiceError):
+                    logger.error("preparing a grammar failed", exc_info=error)
+                continue
+            self.sampler.start_grammar(choice, future.result())
+            self.scheduler.add(seq)
 
     def _outputs(self, seqs: list[Sequence], sampled: SampledTokens, finished: set[ChoiceId]
                  ) -> list[RequestOutput]:
         outputs = []
         for seq, token, logprobs in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            if seq.choice in sampled.grammar_failed:
+                continue  # refused (pop_refused): nothing it made is an answer
             done = seq.choice in finished
             # A preempted sequence keeps its tokens, so its first token is sampled (and reported) once.
             first = len(seq.output_token_ids) == 1
@@ -154,6 +218,8 @@ class Engine:
         finally:
             if self.group is not None:
                 self.group.stop()
+            if self.grammars is not None:
+                self.grammars.shutdown()
             leave_process_group()
 
 
@@ -201,8 +267,10 @@ def build_engine(model: ModelConfig, engine: EngineConfig, address: GroupAddress
     eos = hf_model.generation_config.eos_token_id
     eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     limits = SchedulerLimits(engine.max_num_seqs, engine.max_num_batched_tokens, model.max_model_len)
+    grammars = GrammarCompiler(resolve_checkpoint(model.source), runner.vocab_size, eos_token_ids,
+                               engine.grammar_cache_size)
     logger.info("engine ready in %.1f s (tp=%d)", time.monotonic() - started, address.world_size)
-    return Engine(runner, limits, eos_token_ids, engine.enable_prefix_caching, group)
+    return Engine(runner, limits, eos_token_ids, engine.enable_prefix_caching, group, grammars)
 
 
 def start_engine(model: ModelConfig, engine: EngineConfig, *, use_ray: bool = False) -> Engine:

@@ -2,25 +2,28 @@
 
 `Sampler(logits, seqs)` is what the engine step calls: logits `[B, V]` (the last position of each of the B
 sequences that sample this step) and those sequences in; their next token ids (and, where a row asked,
-log-probs) out, on the host. It owns the per-sequence sampling state (the `PenaltyTable`), turns the rows'
-`SamplingParams` into a `SamplingBatch` of tensors, runs `sample`, and copies to the host once.
+log-probs, and for rows with a grammar whether it is complete) out, on the host. It owns the per-sequence
+sampling state (the `PenaltyTable`, and the `GrammarTable` of `grammar.py`), turns the rows' `SamplingParams`
+into a `SamplingBatch` of tensors, runs `sample`, and copies to the host once.
 
 `sample` is a chain of small pure tensor functions over the whole batch (gpt-fast style), in this order:
 
-    logit_bias → repetition penalty → frequency/presence penalties      `process_logits`
+    grammar bitmask → logit_bias → repetition penalty → frequency/presence penalties   `process_logits`
     → greedy rows take the argmax here
     → temperature → top-k → top-p → softmax → min-p                     `sampling_probs`
     → exponential race: argmax(p / q) with q ~ Exp(1)                   `sample_from_probs`
 
 A row whose parameter is off passes through that stage bit for bit unchanged, and a stage that no row uses
 is skipped entirely. Which stages run is decided in `SamplingBatch.build` from the Python params, so the step
-never syncs with the device to find out.
+never syncs with the device to find out. The grammar bitmask (structured outputs) sets every token the row's
+grammar does not allow to -inf, so no later stage can bring one back; a batch without a grammar row fills no
+mask and touches no matcher.
 
-Log-probs are the model's own: `log_softmax` of the logits as they came from the model, before bias,
-penalties, temperature and truncation. That is vLLM's default (`logprobs_mode="raw_logprobs"`); OpenAI does
-not document which distribution it reports. The model's distribution means the same thing whatever a
-request's sampling settings, and stays informative for greedy rows, whose processed distribution would be a
-single token.
+Log-probs are the model's own: `log_softmax` of the logits as they came from the model, before the
+grammar, bias, penalties, temperature and truncation. That is vLLM's default
+(`logprobs_mode="raw_logprobs"`); OpenAI does not document which distribution it reports. The model's
+distribution means the same thing whatever a request's sampling settings, and stays informative for greedy
+rows, whose processed distribution would be a single token.
 
 Penalty statistics (which tokens a sequence has seen, how often it produced each) live on the device in the
 `PenaltyTable`, one slot per running sequence that uses a penalty: filled once from its token ids when it
@@ -34,40 +37,65 @@ from dataclasses import dataclass
 
 import torch
 
+from serve_app.engine.grammar import GrammarTable
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import ChoiceId, SampleLogprobs, Sequence
 
 
 @dataclass(frozen=True)
 class SampledTokens:
-    """One step's sampling result on the host: a token id per row and, for rows that asked, its log-probs."""
+    """One step's sampling result on the host: a token id per row and, for rows that asked, its log-probs.
+
+    `grammar_completed`: the rows whose grammar this token completed (only EOS could follow), which finish;
+    `grammar_failed`: rows whose grammar could not take their token, which cannot go on.
+    """
 
     token_ids: list[int]
     logprobs: list[SampleLogprobs | None]
+    grammar_completed: frozenset[ChoiceId] = frozenset()
+    grammar_failed: frozenset[ChoiceId] = frozenset()
 
 
 class Sampler:
-    """Samples each step's next tokens, and keeps what sampling needs across steps (penalty statistics)."""
+    """Samples each step's next tokens, and keeps what sampling needs across steps: penalty statistics, and
+    the grammar matchers of the sequences whose output is constrained."""
 
     def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
         self.penalties = PenaltyTable(max_num_seqs, vocab_size, device)
+        self.grammars = GrammarTable(max_num_seqs, vocab_size, device)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
-        """The next token of each sequence; `logits[i]` is the last position of `seqs[i]`."""
+        """The next token of each sequence; `logits[i]` is the last position of `seqs[i]`. Every sequence
+        with a grammar has its matcher (`start_grammar`)."""
         params = [seq.params for seq in seqs]
         slots = self.penalties.slots(seqs) if any(uses_penalties(p) for p in params) else None
+        bitmask = self.grammars.fill(seqs) if any(p.grammar is not None for p in params) else None
         batch = SamplingBatch.build(params, [seq.generator for seq in seqs], logits.shape[-1], logits.device,
-                                    self.penalties.stats(slots) if slots is not None else None)
+                                    self.penalties.stats(slots) if slots is not None else None, bitmask)
         result = sample(logits, batch)
         if slots is not None:
             self.penalties.record(slots, result.token_ids)
         token_ids = result.token_ids.tolist()  # the step's one copy to the host, unless log-probs were asked
-        return SampledTokens(token_ids, _host_logprobs(params, token_ids, result))
+        logprobs = _host_logprobs(params, token_ids, result)
+        if bitmask is None:
+            return SampledTokens(token_ids, logprobs)
+        completed, failed = self.grammars.accept(seqs, token_ids)
+        return SampledTokens(token_ids, logprobs, completed, failed)
+
+    def start_grammar(self, choice: ChoiceId, template) -> None:
+        """Give a sequence its grammar matcher, a copy of the prepared `template` (`GrammarCompiler`)."""
+        self.grammars.add(choice, template)
+
+    def preempt(self, choice: ChoiceId) -> None:
+        """A sequence was preempted: its penalty statistics go (refilled from its tokens when it resumes); its
+        matcher stays, since it resumes with the output tokens that matcher has consumed."""
+        self.penalties.release(choice)
 
     def release(self, choice: ChoiceId) -> None:
-        """Forget a sequence's state: it finished, was aborted, or was preempted (refilled when it resumes)."""
+        """Forget a sequence's state: it finished or was aborted."""
         self.penalties.release(choice)
+        self.grammars.release(choice)
 
 
 def _host_logprobs(params: list[SamplingParams], token_ids: list[int], result: SamplerOutput
@@ -100,6 +128,8 @@ class SamplingBatch:
     batch_size: int
     vocab_size: int
     all_greedy: bool
+    token_bitmask: torch.Tensor | None  # int32 [G, ceil(V / 32)]: the grammar rows' allowed tokens
+    token_bitmask_rows: torch.Tensor | None  # int64 [G]: which rows those are; None when G = B
     greedy: torch.Tensor | None  # bool [B]; set only when greedy and sampled rows are mixed
     logit_bias_index: torch.Tensor | None  # int64 [N]: row * V + token, one entry per (row, token) bias
     logit_bias_value: torch.Tensor | None  # float32 [N]
@@ -120,15 +150,17 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None], vocab_size: int,
-              device: torch.device, penalty_stats: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> SamplingBatch:
+              device: torch.device, penalty_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+              token_bitmask: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> SamplingBatch:
         """Turn the rows' params into tensors on `device`.
 
         `generators[i]` is row i's own generator (on `device`) when its request has a seed, else None; the
         caller creates it once per request and keeps it across steps, so a seeded request draws the same
         tokens whatever else is in the batch. `penalty_stats` — `(seen [B, V] bool, output_counts [B, V]
-        float32)`, from a `PenaltyTable` — is required when any row uses a penalty. Logit-bias token ids must
-        lie inside the vocabulary (the engine refuses a request otherwise, before it reaches a step).
+        float32)`, from a `PenaltyTable` — is required when any row uses a penalty. `token_bitmask` —
+        `(bitmask [G, ceil(V / 32)] int32, rows [G] int64 or None for all rows)`, from a `GrammarTable` — is
+        required when any row has a grammar. Logit-bias token ids must lie inside the vocabulary (the engine
+        refuses a request otherwise, before it reaches a step).
         """
         batch_size = len(params)
         assert len(generators) == batch_size
@@ -149,6 +181,8 @@ class SamplingBatch:
         repetition = any(p.repetition_penalty != 1.0 for p in params)
         counting = any(p.frequency_penalty or p.presence_penalty for p in params)
         assert penalty_stats is not None or not (repetition or counting), "penalties need a PenaltyTable"
+        grammar = any(p.grammar is not None for p in params)
+        assert (token_bitmask is not None) == grammar, "grammar rows need a token bitmask, and only they"
 
         all_greedy = not any(sampled)
         mixed = not all_greedy and not all(sampled)
@@ -156,6 +190,8 @@ class SamplingBatch:
             batch_size=batch_size,
             vocab_size=vocab_size,
             all_greedy=all_greedy,
+            token_bitmask=token_bitmask[0] if token_bitmask is not None else None,
+            token_bitmask_rows=token_bitmask[1] if token_bitmask is not None else None,
             greedy=per_row([not s for s in sampled], torch.bool) if mixed else None,
             logit_bias_index=per_row([index for index, _ in bias], torch.int64) if bias else None,
             logit_bias_value=per_row([value for _, value in bias], torch.float32) if bias else None,
@@ -255,6 +291,26 @@ class SamplerOutput:
     top_logprob_values: torch.Tensor | None  # float32 [B, K]
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None
+                        ) -> torch.Tensor:
+    """Set to -inf every logit of row `rows[g]` (every row, when `rows` is None) whose bit in `bitmask[g]` is
+    0: bit j of word k stands for token 32k + j, as llguidance and xgrammar write it. Other logits are
+    unchanged.
+
+    The words are split into bytes with shifts (whatever the machine's byte order), and each byte looks up its
+    eight 0 / -inf addends in a 256-row table: one gather and one add, cheaper on the CPU than testing every
+    bit of the vocabulary.
+    """
+    device = logits.device
+    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    addends = torch.zeros(bits.shape, device=device).masked_fill_(bits == 0, float("-inf"))  # [256, 8]
+    byte_shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=device)
+    byte_values = (bitmask.unsqueeze(-1) >> byte_shifts) & 255
+    penalty = addends.index_select(0, byte_values.flatten().long()).view(bitmask.shape[0], -1)
+    penalty = penalty[:, :logits.shape[-1]]
+    return logits + penalty if rows is None else logits.index_add(0, rows, penalty)
+
+
 def apply_logit_bias(logits: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Add `value[n]` to the logit at flat position `index[n]` (row * V + token); nothing else changes."""
     return logits.reshape(-1).index_add(0, index, value).view_as(logits)
@@ -324,7 +380,10 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Bias and penalties: the logits greedy rows take their argmax of, and sampled rows start from."""
+    """Grammar, bias and penalties: the logits greedy rows take their argmax of, and sampled rows start
+    from."""
+    if batch.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, batch.token_bitmask, batch.token_bitmask_rows)
     if batch.logit_bias_index is not None:
         logits = apply_logit_bias(logits, batch.logit_bias_index, batch.logit_bias_value)
     if batch.seen is not None:

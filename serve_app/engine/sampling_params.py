@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """What to sample and when to stop, for one sequence.
 
-    Token-level stop conditions (EOS, stop tokens, max_tokens) are the engine's. Stop *strings* are matched
-    on text: by the replica, which ends the choice in the engine at the token that completes one, and by the
-    stage, which cuts the text there.
+    Token-level stop conditions (EOS, stop tokens, max_tokens, a complete grammar) are the engine's. Stop
+    *strings* are matched on text: by the replica, which ends the choice in the engine at the token that
+    completes one, and by the stage, which cuts the text there.
     """
 
     max_tokens: int
@@ -33,6 +33,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop: tuple[str, ...] = ()  # stop strings
     ignore_eos: bool = False
+    # What the output must match (structured outputs): a grammar in llguidance's Lark dialect, whose
+    # `%json {...}` embeds a JSON Schema. Text, so it pickles as it is; the engine prepares a matcher from it.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:

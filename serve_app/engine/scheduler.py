@@ -138,8 +138,10 @@ class Scheduler:
             budget -= num_tokens
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[ChoiceId, int]) -> list[Sequence]:
-        """Record the step's progress and sampled tokens; return the sequences that finished."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[ChoiceId, int],
+                           grammar_completed: frozenset[ChoiceId] = frozenset()) -> list[Sequence]:
+        """Record the step's progress and sampled tokens; return the sequences that finished.
+        `grammar_completed`: sequences whose grammar the sampled token completed, which stop there."""
         finished: list[Sequence] = []
         for chunk in out.chunks:
             seq = chunk.seq
@@ -149,7 +151,7 @@ class Scheduler:
                 continue
             token = sampled[seq.choice]
             seq.output_token_ids.append(token)
-            reason = self._finish_reason(seq, token)
+            reason = FinishReason.STOP if seq.choice in grammar_completed else self._finish_reason(seq, token)
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)

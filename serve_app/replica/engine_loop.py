@@ -3,8 +3,8 @@
 `run_engine_loop` drives an `Engine` (which is not thread-safe) on one thread: between steps it applies the
 commands that arrived (`AddRequests`, `AbortRequest`, `StopEngine`); it steps while there is work and
 heartbeats while idle; after every step it sends a `StepReport` with that step's outputs, the engine's stats
-and the requests it refused. The loop is the same wherever the engine runs, and `EngineHost` is what the
-replica's `EngineClient` needs of that place:
+and the requests it refused (when added, or later: a grammar that could not be prepared). The loop is the
+same wherever the engine runs, and `EngineHost` is what the replica's `EngineClient` needs of that place:
 
 - `process_host.EngineProcess`: a child process of the replica, commands and reports over a pipe (default);
 - `thread_host.EngineThread`: a thread of the replica's process (`engine.separate_process: false`, tests).
@@ -113,6 +113,7 @@ def run_engine_loop(engine: Engine, heartbeat_interval_s: float,
                 engine.heartbeat()  # a dead rank surfaces as a collective timeout, not a silent hang
                 continue
             outputs = engine.step() if engine.has_unfinished() else []
+            refused.update(engine.pop_refused())  # requests that failed after they were added (grammars)
             report(StepReport(engine.stats(), outputs, refused))
     except BaseException:  # reported to every stream, then the group is shut down
         logger.exception("engine loop failed")

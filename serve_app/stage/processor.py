@@ -5,7 +5,9 @@ In: a validated `ChatCompletionRequest` (`chat`) or `CompletionRequest` (`comple
 at the end.
 
 Forward: render the Llama 2 chat template (with the tool schemas when tools are on) or tokenize the raw
-prompt, check the context budget and the request limits, and build per-choice `SamplingParams`. Back, in one
+prompt, check the context budget and the request limits, build the grammar the output must follow
+(`response_format`, tool calls: `structured_output.py`, off the event loop) and per-choice
+`SamplingParams`. Back, in one
 generation loop shared by both routes: incremental detokenization, stop strings (held back until they
 cannot match, never returned), finish reasons, logprobs in OpenAI's shape, tool calls parsed from a finished
 reply, usage and cost. The engine is reached through an injected `generate` function, so tests drive this
@@ -36,6 +38,7 @@ from serve_app.protocol import (
 from serve_app.stage.chat_template import render_chat_prompt
 from serve_app.stage.detokenizer import IncrementalDetokenizer
 from serve_app.stage.stop import StopStringMatcher
+from serve_app.stage.structured_output import needs_grammar, request_grammar
 from serve_app.stage.tools import may_become_tool_call, parse_tool_calls, with_tools
 
 EngineGenerate = Callable[[list[EngineRequest]], AsyncIterator[list[RequestOutput]]]
@@ -99,7 +102,10 @@ class ChatProcessor:
         if len(request.messages) > self.api.max_messages:
             raise InvalidRequestError(f"Too many messages: {len(request.messages)}; at most "
                                       f"{self.api.max_messages} are allowed.", param="messages")
-        messages = with_tools(request.messages, request.tools) if request.uses_tools else request.messages
+        messages = request.messages
+        if request.uses_tools:
+            messages = with_tools(messages, request.tools, request.forced_tool,
+                                  request.tool_choice == "required", request.parallel_tool_calls)
         self._check_size([message.content or "" for message in messages], "messages")
         prompt = render_chat_prompt(messages, self._encode, self.tokenizer.bos_token_id,
                                     self.tokenizer.eos_token_id)
@@ -149,8 +155,10 @@ class ChatProcessor:
             prompt, max_tokens = await asyncio.to_thread(self.prepare, request)
         else:
             prompt, max_tokens = self.prepare(request)
+        grammar = await _grammar(request)
         parse = (lambda text: parse_tool_calls(text, request.tools)) if request.uses_tools else None
-        async for events in self._run([_Prompt(prompt, max_tokens)], request, request.logprobs, parse):
+        prompts = [_Prompt(prompt, max_tokens)]
+        async for events in self._run(prompts, request, grammar, request.logprobs, parse):
             yield events
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[list[StageEvent]]:
@@ -158,11 +166,12 @@ class ChatProcessor:
             prompts = await asyncio.to_thread(self.prepare_completion, request)
         else:
             prompts = self.prepare_completion(request)
-        async for events in self._run(prompts, request, request.logprobs is not None, None):
+        grammar = await _grammar(request)
+        async for events in self._run(prompts, request, grammar, request.logprobs is not None, None):
             yield events
 
-    async def _run(self, prompts: list[_Prompt], request: SamplingRequest, logprobs: bool,
-                   parse_tools: Callable[[str], list[ToolCall] | None] | None,
+    async def _run(self, prompts: list[_Prompt], request: SamplingRequest, grammar: str | None,
+                   logprobs: bool, parse_tools: Callable[[str], list[ToolCall] | None] | None,
                    ) -> AsyncIterator[list[StageEvent]]:
         """`n` choices per prompt (choice index = prompt index * n + j), streamed as they come.
 
@@ -177,7 +186,7 @@ class ChatProcessor:
         for p, prompt in enumerate(prompts):
             for j in range(request.n):
                 index = p * request.n + j
-                base = request.to_sampling_params(prompt.max_tokens)
+                base = request.to_sampling_params(prompt.max_tokens, grammar)
                 # Each choice is its own engine sequence; seeded requests get seed + j so that n choices
                 # differ from each other but each one reproduces.
                 params = base if base.seed is None or j == 0 else _with_seed(base, base.seed + j)
@@ -295,6 +304,12 @@ class _Choice:
             self.held_text, self.held_logprobs, self.held_tokens = "", [], 0
             return delta
         return None
+
+
+async def _grammar(request: SamplingRequest) -> str | None:
+    """The grammar of the request's output, built and checked on a worker thread (a large schema takes
+    milliseconds to check, which the event loop's other streams should not wait for)."""
+    return await asyncio.to_thread(request_grammar, request) if needs_grammar(request) else None
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

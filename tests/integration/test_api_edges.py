@@ -146,12 +146,8 @@ def test_tool_messages_and_tool_choices(client, edge):
     plain = client.chat.completions.create(model=MODEL, messages=conversation, max_tokens=4)
     # "auto" tells the model the schemas (a longer prompt); "none" renders exactly as without tools.
     assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens == ignored.usage.prompt_tokens
-    # The tiny model's random words are no JSON call: they come back as text.
+    # Four tokens are not a whole call: whatever the tiny model began comes back as text.
     assert with_tools.choices[0].finish_reason == "length" and with_tools.choices[0].message.tool_calls is None
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        response = httpx.post(f"{edge}/v1/chat/completions", headers=AUTH, timeout=30,
-                              json={"model": MODEL, "messages": HELLO, "tools": [WEATHER], "tool_choice": choice})
-        assert_error(response, 400, param="tool_choice")
 
 
 # -- one error mapping ------------------------------------------------------------------------------------

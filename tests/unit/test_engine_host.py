@@ -5,6 +5,7 @@ tp=1 and at tp=2 with followers the replica started, and a dead engine or a dead
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from transformers import PreTrainedTokenizerFast
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.sampling_params import SamplingParams
@@ -21,6 +23,7 @@ from serve_app.engine.sequence import ChoiceId, EngineRequest
 from serve_app.errors import EngineUnavailableError, InvalidRequestError, to_service_error
 from serve_app.replica.engine_client import EngineClient
 from serve_app.replica.process_host import ENGINE_TITLE, EngineProcess
+from serve_app.stage.structured_output import json_rule
 
 PROMPTS = [[1, 15043, 29991], [1, 450, 4996, 17354, 1701, 29916], [1] + list(range(2000, 2040))]
 
@@ -112,6 +115,20 @@ def test_a_request_the_engine_refuses_is_a_400_and_the_engine_keeps_serving(runn
     assert refused.value.param == "logit_bias"  # the engine's own error, across the process boundary
     ok = _request("ok", PROMPTS[0], _greedy(6))
     assert runner.run(_tokens(client, [ok]))[ok.choice] == greedy_reference(PROMPTS[0], 6)
+
+
+def test_grammars_cross_to_the_engine_process_and_a_failed_one_is_refused(runner, client, tiny_checkpoint):
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    grammar = "start: " + json_rule(schema)
+    request = _request("json", PROMPTS[0], SamplingParams(max_tokens=20, seed=3, grammar=grammar))
+    assert json.loads(tokenizer.decode(runner.run(_tokens(client, [request]))[request.choice])) in (
+        {"ok": True}, {"ok": False})
+    # Prepared after the request was added, on the engine's grammar thread: refused by a later report.
+    bad = _request("bad-grammar", PROMPTS[0], SamplingParams(max_tokens=4, grammar='start: %json {"type": 7}'))
+    with pytest.raises(InvalidRequestError, match="output constraint"):
+        runner.run(_tokens(client, [bad]))
 
 
 def test_closing_a_stream_aborts_its_request_in_the_engine_process(runner, client):

@@ -22,6 +22,7 @@ from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChoiceLogprobs,
+    CompletionRequest,
     DeltaMessage,
     ModelCard,
     ModelList,
@@ -159,17 +160,32 @@ def test_defaults_equal_the_reference() -> None:
         ({"tools": [{"type": "function"}]}, "tools.0.function"),
         ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools.0.type"),
         ({"tool_choice": "auto"}, "tool_choice"),
-        ({"tools": [{"function": {"name": "f"}}], "tool_choice": "required"}, "tool_choice"),
         (
             {
                 "tools": [{"function": {"name": "f"}}],
-                "tool_choice": {"type": "function", "function": {"name": "f"}},
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
             },
             "tool_choice",
         ),
+        ({"tools": [{"function": {"name": "f"}}], "tool_choice": {"type": "function"}}, "tool_choice.function"),
+        ({"tools": [{"function": {"name": "f"}}], "tool_choice": {"function": {"name": "f"}}}, "tool_choice.type"),
         ({"tools": [{"function": {"name": "f"}}], "tool_choice": "any"}, "tool_choice"),
-        ({"response_format": {"type": "json_object"}}, "response_format.type"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format.type"),
+        ({"tools": [{"function": {"name": "f"}}], "tool_choice": ["auto"]}, "tool_choice"),
+        ({"tools": [{"function": {"name": "f"}}], "parallel_tool_calls": "no"}, "parallel_tool_calls"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_object", "json_schema": {"name": "a", "schema": {}}}},
+         "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format.json_schema.name"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+         "response_format.json_schema.name"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": True}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "strict": 1}}},
+         "response_format.json_schema.strict"),
         ({"model": None}, "model"),
         ({"model": 7}, "model"),
         ({"messages": []}, "messages"),
@@ -244,7 +260,7 @@ def test_null_means_the_default() -> None:
 
 
 def test_unknown_fields_are_ignored() -> None:
-    request = parse(parallel_tool_calls=False, store=False, metadata={"a": "b"}, service_tier="auto")
+    request = parse(store=False, metadata={"a": "b"}, service_tier="auto")
     assert not hasattr(request, "store")
 
 
@@ -294,6 +310,23 @@ def test_accepted_combinations() -> None:
     assert parse(logprobs=True, top_logprobs=0).top_logprobs == 0
     assert parse(response_format={"type": "text"}).response_format is not None
     assert parse(tools=[{"function": {"name": "f"}}], tool_choice="none").tool_choice == "none"
+
+
+def test_structured_output_fields() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    request = parse(response_format={"type": "json_schema",
+                                     "json_schema": {"name": "thing-1", "schema": schema, "strict": True}})
+    assert request.wants_json and request.response_format.json_schema.json_schema == schema
+    assert parse(response_format={"type": "json_object"}).wants_json
+    assert not parse(response_format={"type": "text"}).wants_json and not parse().wants_json
+    tools = [{"function": {"name": "f"}}, {"function": {"name": "g"}}]
+    named = parse(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}})
+    assert named.forced_tool == "g" and named.uses_tools and named.parallel_tool_calls
+    required = parse(tools=tools, tool_choice="required", parallel_tool_calls=False)
+    assert required.forced_tool is None and required.uses_tools and not required.parallel_tool_calls
+    completion = CompletionRequest.model_validate({"model": MODEL, "prompt": "x",
+                                                   "response_format": {"type": "json_object"}})
+    assert completion.wants_json
 
 
 def test_to_sampling_params() -> None:

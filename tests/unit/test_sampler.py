@@ -10,6 +10,7 @@ raw model's.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from scipy.stats import chisquare
 from serve_app.engine.sampler import (
     PenaltyTable,
     SamplingBatch,
+    apply_token_bitmask,
     apply_top_k_top_p,
     process_logits,
     sample,
@@ -98,7 +100,8 @@ def ref_distribution(logits: np.ndarray, p: SamplingParams, prompt: list[int],
 
 def build(params: list[SamplingParams], vocab_size: int, prompts: list[list[int]] | None = None,
           outputs: list[list[int]] | None = None,
-          generators: list[torch.Generator | None] | None = None) -> SamplingBatch:
+          generators: list[torch.Generator | None] | None = None,
+          token_bitmask: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> SamplingBatch:
     """The batch the engine's `Sampler` builds for rows with these token histories: penalty statistics from a
     `PenaltyTable` filled from them, as for sequences sampling for the first time."""
     empty: list[list[int]] = [[] for _ in params]
@@ -109,7 +112,8 @@ def build(params: list[SamplingParams], vocab_size: int, prompts: list[list[int]
         seqs = [Sequence(ChoiceId("row", i), list(prompt), p, output_token_ids=list(output))
                 for i, (p, prompt, output) in enumerate(zip(params, prompts, outputs, strict=True))]
         stats = table.stats(table.slots(seqs))
-    return SamplingBatch.build(params, generators or [None] * len(params), vocab_size, CPU, stats)
+    return SamplingBatch.build(params, generators or [None] * len(params), vocab_size, CPU, stats,
+                               token_bitmask)
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -480,3 +484,74 @@ def test_cheap_path_skips_every_stage() -> None:
         assert not batch.want_logprobs and batch.num_top_logprobs == 0
     assert greedy.all_greedy and not greedy.shared_noise
     assert not plain.all_greedy and plain.shared_noise
+
+
+# -- grammar bitmask (structured outputs) --------------------------------------------------------------------
+
+GRAMMAR = "start: any"  # rows with a grammar; the sampler reads only whether one is set
+
+
+def ref_allowed(words: np.ndarray, vocab: int) -> np.ndarray:
+    """Which tokens a bitmask row allows: bit j of word k is token 32k + j."""
+    return np.array([(int(words[t // 32]) >> (t % 32)) & 1 == 1 for t in range(vocab)])
+
+
+def bitmask_of(allowed: list[set[int]], vocab: int) -> torch.Tensor:
+    words = np.zeros((len(allowed), (vocab + 31) // 32), dtype=np.int64)
+    for row, tokens in enumerate(allowed):
+        for t in tokens:
+            words[row, t // 32] |= 1 << (t % 32)
+    return torch.from_numpy(words.astype(np.uint32).view(np.int32))
+
+
+@EXAMPLES
+@given(data=st.data(), logits=logit_matrices(max_vocab=80))
+def test_token_bitmask_matches_reference(data: st.DataObject, logits: np.ndarray) -> None:
+    rows, vocab = logits.shape
+    words = (vocab + 31) // 32
+    chosen = [row for row in range(rows) if data.draw(st.booleans())] or [0]
+    values = data.draw(st.lists(st.integers(-2**31, 2**31 - 1), min_size=len(chosen) * words,
+                                max_size=len(chosen) * words))
+    bitmask = np.array(values, dtype=np.int32).reshape(len(chosen), words)
+    index = None if len(chosen) == rows else torch.tensor(chosen)
+    out = apply_token_bitmask(torch.from_numpy(logits), torch.from_numpy(bitmask), index)
+    expected = logits.copy()
+    for g, row in enumerate(chosen):
+        expected[row][~ref_allowed(bitmask[g], vocab)] = -np.inf
+    assert torch.equal(out, torch.from_numpy(expected))
+    assert_off_rows_untouched(torch.from_numpy(logits), out, [row not in chosen for row in range(rows)])
+
+
+@pytest.mark.parametrize("case", ["plain", "all"])
+def test_a_grammar_row_draws_from_its_allowed_tokens_only(case: str) -> None:
+    """The masked distribution is the processed one renormalised over the allowed tokens (chi-square)."""
+    vocab, allowed = CHI_LOGITS.size, {0, 2, 3, 6, 9, 11}
+    p = replace(CHI_CASES["all"] if case == "all" else SamplingParams(max_tokens=1), grammar=GRAMMAR)
+    masked = np.where(ref_allowed(bitmask_of([allowed], vocab)[0].numpy(), vocab), CHI_LOGITS, -np.inf)
+    expected, _ = ref_distribution(masked, p, CHI_PROMPT, CHI_OUTPUT)
+    logits = torch.from_numpy(CHI_LOGITS).expand(DRAWS, -1)
+    batch = build([p] * DRAWS, vocab, [CHI_PROMPT] * DRAWS, [CHI_OUTPUT] * DRAWS,
+                  token_bitmask=(bitmask_of([allowed], vocab).expand(DRAWS, -1), None))
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        tokens = sample(logits, batch).token_ids.tolist()
+    assert set(tokens) <= allowed
+    assert_fits(tokens, expected)
+
+
+def test_greedy_grammar_rows_take_the_best_allowed_token_and_other_rows_are_untouched() -> None:
+    vocab = 40
+    logits = torch.randn(4, vocab, generator=seeded(5)) * 3
+    params = [SamplingParams(max_tokens=1, temperature=0.0, grammar=GRAMMAR),
+              SamplingParams(max_tokens=1, seed=3),
+              SamplingParams(max_tokens=1, temperature=0.0),
+              SamplingParams(max_tokens=1, seed=4, grammar=GRAMMAR)]
+    allowed = [{1, 17, 33}, {5, 6}]
+    mask = (bitmask_of(allowed, vocab), torch.tensor([0, 3]))
+    gens = [None, seeded(3), None, seeded(4)]
+    tokens = sample(logits, build(params, vocab, generators=gens, token_bitmask=mask)).token_ids.tolist()
+    free = sample(logits, build([replace(p, grammar=None) for p in params], vocab,
+                                generators=[None, seeded(3), None, seeded(4)])).token_ids.tolist()
+    assert tokens[0] == max(allowed[0], key=lambda t: logits[0, t]) and tokens[3] in allowed[1]
+    assert tokens[1:3] == free[1:3]  # rows without a grammar draw what they draw without one beside them
+    assert build(params[1:3], vocab, generators=gens[1:3]).token_bitmask is None

@@ -109,6 +109,38 @@ def _gauge(base: str, name: str) -> float:
                if sample.name == name)
 
 
+def test_health_and_liveness_answer_while_the_group_is_saturated(crash_app):
+    """Readiness and liveness read the status board and the ingress itself, never a replica group: with every
+    sequence slot taken and the waiting queue full, they still answer (a probe that queued behind the streams
+    would wait for minutes of generation)."""
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 400, "stream": True, "min_p": 0,
+            "logit_bias": {"2": -100}}
+
+    async def saturate_and_probe() -> list[int]:
+        async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=100)) as client:
+            async def hold() -> None:
+                async with client.stream("POST", f"{crash_app}/v1/chat/completions", json=body) as response:
+                    async for _ in response.aiter_lines():
+                        pass
+
+            holders = [asyncio.create_task(hold()) for _ in range(70)]  # > 32 running + 32 waiting
+            try:
+                await asyncio.to_thread(_eventually, lambda: _gauge(crash_app, "llama_serve_num_sequences_running")
+                                        == 32 and _gauge(crash_app, "llama_serve_num_sequences_waiting") > 0)
+                async with httpx.AsyncClient(timeout=10) as probe:
+                    statuses = [(await probe.get(f"{crash_app}{path}")).status_code
+                                for path in ("/health", "/health/live") * 5]
+                assert _gauge(crash_app, "llama_serve_num_sequences_running") == 32  # still saturated
+                return statuses
+            finally:
+                for holder in holders:
+                    holder.cancel()
+                await asyncio.gather(*holders, return_exceptions=True)
+
+    assert asyncio.run(saturate_and_probe()) == [200] * 10
+    _eventually(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0)
+
+
 def test_two_hundred_abandoned_streams_leave_no_sequence_behind(crash_app):
     """Clients that open streams and leave at once (a retry storm, a closed browser tab): whatever was
     admitted is aborted, refused ones got their 429, and the next client is served by an empty engine."""

@@ -59,6 +59,10 @@ def crash_app(server):
 
     args = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"][0]["args"])
     args["model"]["tensor_parallel_size"] = 1
+    # One replica group, always: these tests kill its processes one by one, and the loads they apply would
+    # otherwise have the autoscaler add a second group beside it.
+    replica = {key: value for key, value in args["deployments"]["replica"].items() if key != "autoscaling_config"}
+    args["deployments"]["replica"] = {**replica, "num_replicas": 1}
     serve.run(build_app(args), name="crash", route_prefix=CRASH_PREFIX, blocking=False)
     _wait_until_healthy(f"{server}{CRASH_PREFIX}/health")
     yield f"{server}{CRASH_PREFIX}"
@@ -236,7 +240,9 @@ def _pids(marker: str) -> set[int]:
 
 def test_a_replica_actor_killed_mid_stream_is_an_error_and_serve_replaces_it(crash_app):
     _eventually(lambda: _chat(crash_app).status_code == 200)
-    (replica,) = _pids("ray::ServeReplica:crash:LlamaReplica")
+    # The serving group's replica is its engine's parent (a replaced one may still be shutting down beside it).
+    (engine,) = _engine_processes()
+    replica = _processes()[engine][0]
     _stream_then(crash_app, lambda: os.kill(replica, signal.SIGKILL))
     _eventually(lambda: _chat(crash_app).status_code == 200)
     _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
@@ -254,6 +260,8 @@ def test_a_redeploy_with_a_stream_in_flight_then_a_follower_rank_killed_mid_stre
     _eventually(lambda: _chat(crash_app).status_code == 200)
     ranks_before = _pids("ray::RankActor")
     args = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"][0]["args"])
+    replica = {key: value for key, value in args["deployments"]["replica"].items() if key != "autoscaling_config"}
+    args["deployments"]["replica"] = {**replica, "num_replicas": 1}
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": True}
     with httpx.stream("POST", f"{crash_app}/v1/chat/completions", json=body, timeout=300) as response:
         assert response.status_code == 200

@@ -72,13 +72,15 @@ def test_each_replica_group_exports_its_engine_gauges_through_ray(server):
     # group writes it about once a second), and Ray's export of each converges to the same values.
     prompt_tokens = response.json()["usage"]["prompt_tokens"]
 
-    def looked_up_so_far() -> dict[str, float] | None:
-        values = _ingress_gauges(applications["tp1"], "llama_serve_prefix_cache_query_tokens")
-        return values if sum(values.values()) >= prompt_tokens else None
+    def exported_as_reported() -> bool:
+        # Read both sides afresh each time: a group that an earlier test's load added may be scaled away
+        # meanwhile, and then neither side has it any more.
+        reported = _ingress_gauges(applications["tp1"], "llama_serve_prefix_cache_query_tokens")
+        exported = _group_values("ray_llama_serve_prefix_cache_query_tokens", "tp1")
+        return sum(reported.values()) >= prompt_tokens and all(
+            exported.get(replica) == value for replica, value in reported.items())
 
-    looked_up = _wait_for(looked_up_so_far)
-    _wait_for(lambda: all(_group_values("ray_llama_serve_prefix_cache_query_tokens", "tp1").get(replica) == value
-                          for replica, value in looked_up.items()))
+    _wait_for(exported_as_reported)
     assert _group_values("ray_llama_serve_kv_cache_free_blocks", "tp1")
 
 

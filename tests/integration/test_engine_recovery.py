@@ -43,12 +43,9 @@ def _processes() -> dict[int, tuple[int, str]]:
 
 
 def _engine_processes() -> list[int]:
-    """The engine processes of the `/crash` application's replica groups: children of its replicas, named
-    `llama_serve::engine crash#<replica>` (as `ps` shows them)."""
-    processes = _processes()
-    replicas = {pid for pid, (_, cmdline) in processes.items() if "ServeReplica:crash:LlamaReplica" in cmdline}
-    return [pid for pid, (parent, cmdline) in processes.items()
-            if parent in replicas and cmdline.startswith("llama_serve::engine crash#")]
+    """The engine processes of the `/crash` application's replica groups, named `llama_serve::engine
+    crash#<replica>` (as `ps` shows them), wherever they are parented: one a dead replica left behind counts."""
+    return [pid for pid, (_, cmdline) in _processes().items() if cmdline.startswith("llama_serve::engine crash#")]
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +168,9 @@ def test_two_hundred_abandoned_streams_leave_no_sequence_behind(crash_app):
     # Aborted, not run out: had the admitted streams run to max_tokens, they would have made this many tokens.
     generated = _gauge(crash_app, "llama_serve_engine_generated_tokens") - generated_before
     assert generated < statuses.count(200) * body["max_tokens"] / 2
-    assert _chat(crash_app).status_code == 200
+    # Requests whose clients left while Serve still queued them reach the replica (and are aborted) for a
+    # little longer, so the next client may meet a full queue at first: it is served once they are through.
+    _eventually(lambda: _chat(crash_app).status_code == 200)
 
 
 def test_two_hundred_non_streamed_requests_abandoned_after_half_a_second_are_aborted(crash_app):
@@ -199,7 +198,7 @@ def test_two_hundred_non_streamed_requests_abandoned_after_half_a_second_are_abo
     generated = _gauge(crash_app, "llama_serve_engine_generated_tokens") - generated_before
     # Admitted ones (at most max_num_seqs + max_waiting_requests = 64) would have made 500 tokens each.
     assert generated < 64 * 500 / 2
-    assert _chat(crash_app).status_code == 200
+    _eventually(lambda: _chat(crash_app).status_code == 200)
 
 
 def test_an_engine_killed_mid_stream_ends_the_stream_with_one_error_event(crash_app):

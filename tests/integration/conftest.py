@@ -71,15 +71,24 @@ def server():
     ray.shutdown()
 
 
-def _wait_until_healthy(url: str, timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not become healthy")
+def wait_until(condition, timeout_s: float = 300.0, what: str = "the condition"):
+    """Poll `condition` until it returns something true, and return that; fail after `timeout_s`, a bound
+    generous enough for a loaded 2-core machine (never a speed assertion: those live in benchmarks)."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"{what} was not reached in {timeout_s:g} s"
+        time.sleep(0.5)
+    return result
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_until_healthy(url: str) -> None:
+    wait_until(lambda: _answers_200(url), what=f"{url} answering 200")
 
 

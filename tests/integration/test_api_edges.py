@@ -15,7 +15,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import EDGE_KEY, EDGE_PREFIX
+from tests.integration.conftest import EDGE_KEY, EDGE_PREFIX, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -220,15 +220,6 @@ def test_cors_is_off_by_default(edge):
 # -- cancellation and overload -----------------------------------------------------------------------------
 
 
-def _wait_for(predicate, timeout: float = 120.0) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 def test_a_client_that_leaves_a_stream_frees_its_kv_blocks(server):
     """On the open tp=2 application, with a 1,024-token context: a stream of 1,000 tokens runs for seconds, so
     the engine can only stop short of them if the client's going away aborted it. (A non-streamed request's
@@ -242,11 +233,11 @@ def test_a_client_that_leaves_a_stream_frees_its_kv_blocks(server):
         lines = response.iter_lines()
         assert any('"content"' in line for line in lines)  # generating: its blocks are held
         # Running and holding KV blocks (polled together: two separate scrapes could straddle its end).
-        _wait_for(lambda: metric(server, "llama_serve_num_sequences_running", {}) == 1
+        wait_until(lambda: metric(server, "llama_serve_num_sequences_running", {}) == 1
                   and metric(server, "llama_serve_kv_cache_usage_ratio", {}) > 0)
     # The connection is closed. The abort reaches the engine at its next command drain, i.e. within a step;
     # the board shows it within a second or so.
-    _wait_for(lambda: metric(server, "llama_serve_num_sequences_running", {}) == 0)
+    wait_until(lambda: metric(server, "llama_serve_num_sequences_running", {}) == 0)
     assert metric(server, "llama_serve_kv_cache_usage_ratio", {}) == 0
     generated = metric(server, "llama_serve_engine_generated_tokens", {}) - generated_before
     assert 0 < generated < 1000
@@ -351,7 +342,7 @@ def test_a_repeated_system_prompt_is_served_from_the_prefix_cache(edge, client):
     expected = (first.usage.prompt_tokens // 16 - 1) * 16
     assert expected > 0
     # The group's stats reach /metrics through the status board, about once a second.
-    _wait_for(lambda: metric(edge, "llama_serve_prefix_cache_hit_tokens") - hits_before >= expected)
+    wait_until(lambda: metric(edge, "llama_serve_prefix_cache_hit_tokens") - hits_before >= expected)
 
 
 def test_with_tools_offered_a_text_reply_streams_token_by_token(client):

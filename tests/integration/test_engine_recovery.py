@@ -10,7 +10,6 @@ import asyncio
 import copy
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ import openai
 import pytest
 import yaml
 
-from tests.integration.conftest import ROOT, _wait_until_healthy
+from tests.integration.conftest import ROOT, _wait_until_healthy, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -48,19 +47,24 @@ def _engine_processes() -> list[int]:
     return [pid for pid, (_, cmdline) in _processes().items() if cmdline.startswith("llama_serve::engine crash#")]
 
 
+def _crash_args(tensor_parallel_size: int) -> dict:
+    """configs/tiny.yaml's application at this tp, with one replica group, always: these tests kill its
+    processes one by one, and the loads they apply would otherwise have the autoscaler add a second beside it."""
+    args = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"][0]["args"])
+    args["model"]["tensor_parallel_size"] = tensor_parallel_size
+    replica = {key: value for key, value in args["deployments"]["replica"].items() if key != "autoscaling_config"}
+    args["deployments"]["replica"] = {**replica, "num_replicas": 1}
+    return args
+
+
 @pytest.fixture(scope="module")
 def crash_app(server):
     from ray import serve
 
     from serve_app.app import build_app
 
-    args = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"][0]["args"])
-    args["model"]["tensor_parallel_size"] = 1
-    # One replica group, always: these tests kill its processes one by one, and the loads they apply would
-    # otherwise have the autoscaler add a second group beside it.
-    replica = {key: value for key, value in args["deployments"]["replica"].items() if key != "autoscaling_config"}
-    args["deployments"]["replica"] = {**replica, "num_replicas": 1}
-    serve.run(build_app(args), name="crash", route_prefix=CRASH_PREFIX, blocking=False)
+    serve.run(build_app(_crash_args(tensor_parallel_size=1)), name="crash", route_prefix=CRASH_PREFIX,
+              blocking=False)
     _wait_until_healthy(f"{server}{CRASH_PREFIX}/health")
     yield f"{server}{CRASH_PREFIX}"
     serve.delete("crash")
@@ -71,13 +75,6 @@ def _chat(base: str) -> httpx.Response:
                       json={"model": MODEL, "messages": HELLO, "max_tokens": 4})
 
 
-def _eventually(condition, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "the condition was not reached"
-        time.sleep(0.5)
-
-
 def test_a_dead_engine_is_a_503_until_serve_replaces_its_replica_group(crash_app):
     assert _chat(crash_app).status_code == 200
     (engine,) = _engine_processes()
@@ -85,7 +82,7 @@ def test_a_dead_engine_is_a_503_until_serve_replaces_its_replica_group(crash_app
 
     # The replica reads the end of its pipe; from then on its requests are refused with a retryable 503.
     answers: list[httpx.Response] = []
-    _eventually(lambda: answers.append(_chat(crash_app)) or answers[-1].status_code != 200)
+    wait_until(lambda: answers.append(_chat(crash_app)) or answers[-1].status_code != 200)
     refused = answers[-1]
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
     assert refused.json()["error"]["code"] == "service_unavailable"
@@ -93,12 +90,12 @@ def test_a_dead_engine_is_a_503_until_serve_replaces_its_replica_group(crash_app
         openai.OpenAI(base_url=f"{crash_app}/v1", api_key="none", max_retries=0).chat.completions.create(
             model=MODEL, messages=HELLO, max_tokens=4)
     # The group says so on the status board: with no other group, the application is not ready.
-    _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 503)
+    wait_until(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 503)
 
     # Serve's health check (every 2 s, three failures in a row) marks the group unhealthy and starts a new one
     # (how long that takes is measured in docs/benchmarks.md, not asserted here).
-    _eventually(lambda: _chat(crash_app).status_code == 200)
-    _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
     assert len(_engine_processes()) == 1  # the new group's engine; the dead one's replica is gone
 
 
@@ -126,7 +123,7 @@ def test_health_and_liveness_answer_while_the_group_is_saturated(crash_app):
 
             holders = [asyncio.create_task(hold()) for _ in range(70)]  # > 32 running + 32 waiting
             try:
-                await asyncio.to_thread(_eventually, lambda: _gauge(crash_app, "llama_serve_num_sequences_running")
+                await asyncio.to_thread(wait_until, lambda: _gauge(crash_app, "llama_serve_num_sequences_running")
                                         == 32 and _gauge(crash_app, "llama_serve_num_sequences_waiting") > 0)
                 async with httpx.AsyncClient(timeout=10) as probe:
                     statuses = [(await probe.get(f"{crash_app}{path}")).status_code
@@ -139,7 +136,7 @@ def test_health_and_liveness_answer_while_the_group_is_saturated(crash_app):
                 await asyncio.gather(*holders, return_exceptions=True)
 
     assert asyncio.run(saturate_and_probe()) == [200] * 10
-    _eventually(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0)
+    wait_until(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0)
 
 
 def test_two_hundred_abandoned_streams_leave_no_sequence_behind(crash_app):
@@ -162,7 +159,7 @@ def test_two_hundred_abandoned_streams_leave_no_sequence_behind(crash_app):
     generated_before = _gauge(crash_app, "llama_serve_engine_generated_tokens")
     statuses = asyncio.run(abandon())
     assert set(statuses) <= {200, 429, 503} and 200 in statuses, statuses
-    _eventually(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0
+    wait_until(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0
                 and _gauge(crash_app, "llama_serve_num_sequences_waiting") == 0)
     assert _gauge(crash_app, "llama_serve_kv_cache_usage_ratio") == 0
     # Aborted, not run out: had the admitted streams run to max_tokens, they would have made this many tokens.
@@ -170,7 +167,7 @@ def test_two_hundred_abandoned_streams_leave_no_sequence_behind(crash_app):
     assert generated < statuses.count(200) * body["max_tokens"] / 2
     # Requests whose clients left while Serve still queued them reach the replica (and are aborted) for a
     # little longer, so the next client may meet a full queue at first: it is served once they are through.
-    _eventually(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
 
 
 def test_two_hundred_non_streamed_requests_abandoned_after_half_a_second_are_aborted(crash_app):
@@ -192,17 +189,17 @@ def test_two_hundred_non_streamed_requests_abandoned_after_half_a_second_are_abo
 
     outcomes = asyncio.run(abandon())
     assert "APITimeoutError" in outcomes, outcomes
-    _eventually(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0
+    wait_until(lambda: _gauge(crash_app, "llama_serve_num_sequences_running") == 0
                 and _gauge(crash_app, "llama_serve_num_sequences_waiting") == 0)
     assert _gauge(crash_app, "llama_serve_kv_cache_usage_ratio") == 0
     generated = _gauge(crash_app, "llama_serve_engine_generated_tokens") - generated_before
     # Admitted ones (at most max_num_seqs + max_waiting_requests = 64) would have made 500 tokens each.
     assert generated < 64 * 500 / 2
-    _eventually(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
 
 
 def test_an_engine_killed_mid_stream_ends_the_stream_with_one_error_event(crash_app):
-    _eventually(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
     client = openai.OpenAI(base_url=f"{crash_app}/v1", api_key="none", max_retries=0)
     stream = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1000, stream=True,
                                             extra_body={"min_p": 0, "logit_bias": {"2": -100}})
@@ -216,7 +213,7 @@ def test_an_engine_killed_mid_stream_ends_the_stream_with_one_error_event(crash_
     assert "engine" in str(raised.value).lower()
 
     # A new group serves again once Serve has replaced the dead one (until then requests get 503).
-    _eventually(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
 
 
 def _stream_then(base: str, act) -> None:
@@ -238,14 +235,14 @@ def _pids(marker: str) -> set[int]:
 
 
 def test_a_replica_actor_killed_mid_stream_is_an_error_and_serve_replaces_it(crash_app):
-    _eventually(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
     # The serving group's replica is its engine's parent (a replaced one may still be shutting down beside it).
     (engine,) = _engine_processes()
     replica = _processes()[engine][0]
     _stream_then(crash_app, lambda: os.kill(replica, signal.SIGKILL))
-    _eventually(lambda: _chat(crash_app).status_code == 200)
-    _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
-    _eventually(lambda: len(_engine_processes()) == 1)  # the dead replica's engine went with it
+    wait_until(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
+    wait_until(lambda: len(_engine_processes()) == 1)  # the dead replica's engine went with it
 
 
 def test_a_redeploy_with_a_stream_in_flight_then_a_follower_rank_killed_mid_stream(crash_app):
@@ -256,32 +253,30 @@ def test_a_redeploy_with_a_stream_in_flight_then_a_follower_rank_killed_mid_stre
 
     from serve_app.app import build_app
 
-    _eventually(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
     ranks_before = _pids("ray::RankActor")
-    args = copy.deepcopy(yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["applications"][0]["args"])
-    replica = {key: value for key, value in args["deployments"]["replica"].items() if key != "autoscaling_config"}
-    args["deployments"]["replica"] = {**replica, "num_replicas": 1}
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": True}
     with httpx.stream("POST", f"{crash_app}/v1/chat/completions", json=body, timeout=300) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         next(line for line in lines if line.startswith("data: "))
-        serve.run(build_app(args), name="crash", route_prefix=CRASH_PREFIX, blocking=False)  # tp=2
+        serve.run(build_app(_crash_args(tensor_parallel_size=2)), name="crash", route_prefix=CRASH_PREFIX,
+                  blocking=False)
         tail = [line for line in lines if line]
     assert tail[-1] == "data: [DONE]" or any('"error"' in line for line in tail), tail[-3:]
-    _eventually(lambda: len(_pids("ray::RankActor") - ranks_before) == 1)
-    _eventually(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: len(_pids("ray::RankActor") - ranks_before) == 1)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
 
     (follower,) = _pids("ray::RankActor") - ranks_before
     _stream_then(crash_app, lambda: os.kill(follower, signal.SIGKILL))
-    _eventually(lambda: _chat(crash_app).status_code == 200)
-    _eventually(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: httpx.get(f"{crash_app}/health", timeout=10).status_code == 200)
 
 
 def test_deleting_the_application_with_streams_in_flight_leaves_no_process_behind(crash_app):
     from ray import serve
 
-    _eventually(lambda: _chat(crash_app).status_code == 200)
+    wait_until(lambda: _chat(crash_app).status_code == 200)
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 1000, "stream": True, "min_p": 0,
             "logit_bias": {"2": -100}}
     with httpx.stream("POST", f"{crash_app}/v1/chat/completions", json=body, timeout=120) as response:
@@ -295,5 +290,5 @@ def test_deleting_the_application_with_streams_in_flight_leaves_no_process_behin
                 pass
         except httpx.HTTPError:
             pass
-    _eventually(lambda: not _engine_processes() and not any(
+    wait_until(lambda: not _engine_processes() and not any(
         "ServeReplica:crash:" in cmdline for _, cmdline in _processes().values()))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from serve_app.protocol import ChatMessage
 from serve_app.stage.chat_template import render_chat_prompt
 from serve_app.stage.detokenizer import IncrementalDetokenizer
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -139,14 +139,12 @@ def _usage_of(client: openai.OpenAI, stream: bool, **request):
     return chunks[-1].usage, text
 
 
-def _one_replica_group(server: str, timeout_s: float = 240.0) -> None:
+def _one_replica_group(server: str) -> None:
     """Wait until the application runs one replica group: an earlier test's load may have autoscaled it to two
     (gone 30 s after the load), and the default router would then send a turn where its cache is not. Tests
     run one at a time, so nothing scales it up again while a test here runs."""
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{server}/health", timeout=10).json().get("replica_groups", {}).get("total") != 1:
-        assert time.monotonic() < deadline, "the application did not scale back to one replica group"
-        time.sleep(1)
+    wait_until(lambda: httpx.get(f"{server}/health", timeout=10).json().get("replica_groups", {}).get("total") == 1,
+               what="one replica group")
 
 
 def test_cached_tokens_grow_over_a_conversation(server, client):

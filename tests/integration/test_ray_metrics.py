@@ -7,11 +7,11 @@ them.
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,17 +38,6 @@ def _group_values(name: str, application: str) -> dict[str, float]:
             if labels.get("application") == application and labels.get("deployment") == "LlamaReplica"}
 
 
-def _wait_for(predicate, timeout: float = 300.0):
-    # Ray's metrics agents export on their own period (seconds), so a value shows up some time after it is set.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(1)
-    raise AssertionError("the metric did not reach Ray's metrics in time")
-
-
 def test_each_replica_group_exports_its_engine_gauges_through_ray(server):
     applications = {"tp2": server, "tp1": f"{server}/tp1", "edge": f"{server}/edge"}
 
@@ -62,7 +51,7 @@ def test_each_replica_group_exports_its_engine_gauges_through_ray(server):
                 return False
         return True
 
-    _wait_for(every_group_exported)
+    wait_until(every_group_exported, what="every group in Ray's metrics")
 
     prompt = "Name three rivers that flow through Europe, and say which sea each one reaches."
     response = httpx.post(f"{server}/tp1/v1/chat/completions", timeout=60,
@@ -80,7 +69,7 @@ def test_each_replica_group_exports_its_engine_gauges_through_ray(server):
         return sum(reported.values()) >= prompt_tokens and all(
             exported.get(replica) == value for replica, value in reported.items())
 
-    _wait_for(exported_as_reported)
+    wait_until(exported_as_reported, what="Ray's export of the groups' values")
     assert _group_values("ray_llama_serve_kv_cache_free_blocks", "tp1")
 
 

@@ -1,6 +1,7 @@
 """The application builder that `serve run configs/<name>.yaml` imports.
 
-Ingress → ChatStage → LlamaReplica, each a Serve deployment with its own scaling. The replica reserves one
+Ingress → ChatStage → LlamaReplica, each a Serve deployment with its own scaling; the stage reaches the
+replica groups through `CacheAffinityRouter` (`replica/router.py`) unless the config asks for Serve's default. The replica reserves one
 placement-group bundle per tensor-parallel rank, so a whole group is scheduled (and scaled) as a unit.
 """
 
@@ -14,6 +15,7 @@ from serve_app.autoscaling import with_engine_capacity
 from serve_app.config import AppConfig
 from serve_app.ingress.deployment import Ingress
 from serve_app.replica.deployment import LlamaReplica
+from serve_app.replica.router import CacheAffinityRouter
 from serve_app.stage.deployment import ChatStage
 
 
@@ -31,10 +33,20 @@ def replica_placement(config: AppConfig) -> dict[str, Any]:
             "ray_actor_options": actor}
 
 
+def replica_routing(config: AppConfig) -> dict[str, Any]:
+    """The replica deployment's request router; Serve's default unless the policy is `cache_affinity`."""
+    if config.routing.policy != "cache_affinity":
+        return {}
+    return {"request_router_config": {"request_router_class": CacheAffinityRouter,
+                                      "request_router_kwargs": {"max_imbalance": config.max_imbalance}}}
+
+
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
-    replica_options = with_engine_capacity(replica_placement(config) | config.deployments.replica,
-                                           config.engine.max_num_seqs)
+    # A `request_router_config` under `deployments.replica` wins over the policy's.
+    replica_options = with_engine_capacity(
+        replica_routing(config) | replica_placement(config) | config.deployments.replica,
+        config.engine.max_num_seqs)
     replica = LlamaReplica.options(**replica_options).bind(config)
     stage = ChatStage.options(**config.deployments.stage).bind(config, replica)
     return Ingress.options(**config.deployments.ingress).bind(config, stage)

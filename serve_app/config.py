@@ -116,6 +116,19 @@ class PricingConfig(StrictModel):
         return self.cached_input_per_million_tokens
 
 
+class RoutingConfig(StrictModel):
+    """How the stage picks a replica group for each request (`serve_app/affinity.py`, docs/routing.md)."""
+
+    policy: Literal["cache_affinity", "power_of_two"] = Field(
+        "cache_affinity", description="`cache_affinity`: every turn of a conversation (one `prompt_cache_key`, "
+        "`user` or opening) goes to the same group, where its earlier turns' KV cache is. `power_of_two`: Ray "
+        "Serve's default, the less loaded of two random groups, blind to caches.")
+    max_imbalance: int | None = Field(
+        None, ge=0, description="Under `cache_affinity`, a request goes to the least loaded group instead of "
+        "its own when its own has more than this many requests in flight beyond that one. None: "
+        "`engine.max_num_seqs`, a whole batch.")
+
+
 class DeploymentOptions(StrictModel):
     """Ray Serve options for the three deployments, passed to `.options(**...)` unchanged."""
 
@@ -183,6 +196,14 @@ class AppConfig(StrictModel):
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     deployments: DeploymentOptions = Field(default_factory=DeploymentOptions)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+
+    @property
+    def max_imbalance(self) -> int:
+        """`routing.max_imbalance`, or a whole batch of the engine."""
+        if self.routing.max_imbalance is not None:
+            return self.routing.max_imbalance
+        return self.engine.max_num_seqs
 
     @property
     def max_body_bytes(self) -> int:

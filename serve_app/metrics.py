@@ -9,8 +9,11 @@ Why prometheus_client in the ingress rather than Ray's metrics API: Ray's metric
 node's metrics agent port, not through the service, so `GET /metrics` could not return them. Latencies are
 measured where the client sees them (the ingress), which is the honest place for time to first token.
 
-Every replica group also exports the same engine gauges through Ray's metrics (`ReplicaReporter`), labelled
-with its application, deployment and replica, so a Prometheus that scrapes Ray's nodes sees each group.
+Every replica group also exports the same engine gauges through Ray's metrics (`ReplicaReporter`), and
+every ingress replica its request metrics (`RayRequestExport`), labelled with their application,
+deployment and replica: a Prometheus that scrapes Ray's nodes sees the whole application, each series once,
+so sums over replicas are right. The stage's router adds its routing decisions there
+(`replica/router.py`). docs/api.md (Metrics) says what to scrape.
 """
 
 from __future__ import annotations
@@ -49,31 +52,44 @@ ENGINE_GAUGES: dict[str, tuple[str, Callable[[EngineStats], float]]] = {
                                 lambda s: s.generated_tokens),
 }
 
+# Appended to the help of the request metrics on `/metrics`, which cover one ingress replica.
+ONE_INGRESS = (" This ingress replica's requests only (the one that answered this scrape); Ray's metrics carry "
+               "every ingress replica's (docs/api.md, Metrics).")
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class ServiceMetrics:
-    """One registry with every metric of the service; `render()` is the `/metrics` body."""
+    """One registry with every metric of the service; `render()` is the `/metrics` body.
 
-    def __init__(self) -> None:
+    What it covers: the request metrics of this ingress replica only (a service with several ingress
+    replicas answers each scrape from one of them), and every replica group's engine gauges. `ray_export`
+    also sends the per-request metrics through Ray's metrics, where every ingress replica has its series.
+    """
+
+    def __init__(self, ray_export: RayRequestExport | None = None) -> None:
+        self.ray_export = ray_export
         self.registry = CollectorRegistry()
         r = self.registry
         self.time_to_first_token = Histogram(
-            f"{PREFIX}time_to_first_token_seconds", "From request arrival to its first generated token.",
+            f"{PREFIX}time_to_first_token_seconds", "From request arrival to its first generated token." + ONE_INGRESS,
             ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.inter_token_latency = Histogram(
-            f"{PREFIX}inter_token_latency_seconds", "Time between consecutive tokens of one choice.",
+            f"{PREFIX}inter_token_latency_seconds", "Time between consecutive tokens of one choice." + ONE_INGRESS,
             ["route"], buckets=_TOKEN_BUCKETS, registry=r)
         self.e2e_request_latency = Histogram(
-            f"{PREFIX}e2e_request_latency_seconds", "From request arrival to its last byte.",
+            f"{PREFIX}e2e_request_latency_seconds", "From request arrival to its last byte." + ONE_INGRESS,
             ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.requests = Counter(f"{PREFIX}requests", "Finished requests by route and HTTP status.",
+        self.requests = Counter(f"{PREFIX}requests", "Finished requests by route and HTTP status." + ONE_INGRESS,
                                 ["route", "status"], registry=r)
-        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests.",
+        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens of finished requests." + ONE_INGRESS,
                                      registry=r)
-        self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Generated tokens (all choices).",
+        self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Generated tokens (all choices)." + ONE_INGRESS,
                                          registry=r)
+        self.time_per_output_token = Histogram(
+            f"{PREFIX}time_per_output_token_seconds", "Per successful request: from its first token to its last, "
+            "over its tokens after the first." + ONE_INGRESS, ["route"], buckets=_TOKEN_BUCKETS, registry=r)
         by_group = " One series per replica group (label `replica`), from the application's status board."
         self.engine_gauges = {name: Gauge(f"{PREFIX}{name}", help_text + by_group, ["replica"], registry=r)
                               for name, (help_text, _) in ENGINE_GAUGES.items()}
@@ -104,7 +120,8 @@ class RequestMeter:
         self.metrics = metrics
         self.route = route
         self.start = time.monotonic() if now is None else now
-        self._first_seen = False
+        self._first_token_at: float | None = None
+        self._output_tokens = 0
         self._last_token_at: dict[int, float] = {}
         self._done = False
 
@@ -116,13 +133,18 @@ class RequestMeter:
             if usage is not None:
                 self.metrics.prompt_tokens.inc(usage.prompt_tokens)
                 self.metrics.generation_tokens.inc(usage.completion_tokens)
+                self._output_tokens = usage.completion_tokens
+                if self.metrics.ray_export is not None:
+                    self.metrics.ray_export.tokens(usage.prompt_tokens, usage.completion_tokens)
                 continue
             tokens = getattr(event, "num_tokens", 0)
             if not tokens:
                 continue
-            if not self._first_seen:
-                self._first_seen = True
+            if self._first_token_at is None:
+                self._first_token_at = now
                 self.metrics.time_to_first_token.labels(self.route).observe(now - self.start)
+                if self.metrics.ray_export is not None:
+                    self.metrics.ray_export.first_token(self.route, now - self.start)
             previous = self._last_token_at.get(event.index)
             if previous is not None:
                 # Tokens that arrive together (coalesced) share the gap since the choice's previous ones.
@@ -138,8 +160,56 @@ class RequestMeter:
         self._done = True
         now = time.monotonic() if now is None else now
         self.metrics.requests.labels(self.route, str(status)).inc()
+        per_token = None
         if status < 400:
             self.metrics.e2e_request_latency.labels(self.route).observe(now - self.start)
+            if self._first_token_at is not None and self._output_tokens > 1:
+                per_token = (now - self._first_token_at) / (self._output_tokens - 1)
+                self.metrics.time_per_output_token.labels(self.route).observe(per_token)
+        if self.metrics.ray_export is not None:
+            self.metrics.ray_export.finished(self.route, status, now - self.start if status < 400 else None,
+                                             per_token)
+
+
+class RayRequestExport:
+    """An ingress replica's request metrics through Ray's metrics, under the same names as its `/metrics`.
+
+    A few calls per request, never per token: the inter-token latency histogram stays on `/metrics`; Ray gets
+    each request's time per output token instead. Ray adds the application, deployment and replica labels.
+    """
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter as RayCounter
+        from ray.serve.metrics import Histogram as RayHistogram
+
+        self._requests = RayCounter(f"{PREFIX}requests", description="Finished requests by route and HTTP status.",
+                                    tag_keys=("route", "status"))
+        self._prompt_tokens = RayCounter(f"{PREFIX}prompt_tokens", description="Prompt tokens of finished requests.")
+        self._generation_tokens = RayCounter(f"{PREFIX}generation_tokens",
+                                             description="Generated tokens (all choices).")
+        self._ttft = RayHistogram(f"{PREFIX}time_to_first_token_seconds", boundaries=list(_LATENCY_BUCKETS),
+                                  description="From request arrival to its first generated token.",
+                                  tag_keys=("route",))
+        self._e2e = RayHistogram(f"{PREFIX}e2e_request_latency_seconds", boundaries=list(_LATENCY_BUCKETS),
+                                 description="From request arrival to its last byte.", tag_keys=("route",))
+        self._tpot = RayHistogram(f"{PREFIX}time_per_output_token_seconds", boundaries=list(_TOKEN_BUCKETS),
+                                  description="Per successful request: from its first token to its last, over "
+                                  "its tokens after the first.", tag_keys=("route",))
+
+    def first_token(self, route: str, seconds: float) -> None:
+        self._ttft.observe(seconds, tags={"route": route})
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        self._prompt_tokens.inc(prompt)
+        if generated:
+            self._generation_tokens.inc(generated)
+
+    def finished(self, route: str, status: int, e2e_s: float | None, per_token_s: float | None) -> None:
+        self._requests.inc(tags={"route": route, "status": str(status)})
+        if e2e_s is not None:
+            self._e2e.observe(e2e_s, tags={"route": route})
+        if per_token_s is not None:
+            self._tpot.observe(per_token_s, tags={"route": route})
 
 
 class ReplicaReporter:

@@ -218,7 +218,12 @@ class SamplingRequest(BaseModel):
         "before sampling. Ids past the vocabulary are the engine's to reject: this model does not know "
         "the vocabulary size.",
     )
-    user: str | None = Field(None, description="An end-user identifier, for abuse monitoring only.")
+    user: str | None = Field(None, description="An end-user identifier; without `prompt_cache_key`, a user's "
+                             "requests go to one replica group, where their earlier turns' KV cache is.")
+    prompt_cache_key: str | None = Field(
+        None, max_length=1024, description="Requests with the same key go to the same replica group, so that "
+        "a conversation's turns find their prefix in its cache (docs/routing.md). Without it, the `user` and "
+        "then the conversation's opening turn serve as the key.")
     stream: bool = Field(False, description="Send the completion as server-sent events, chunk by chunk.")
     stream_options: StreamOptions | None = Field(None, description="Only allowed when stream is true.")
     response_format: ResponseFormat | None = Field(

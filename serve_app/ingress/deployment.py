@@ -45,7 +45,7 @@ from serve_app.errors import (
 )
 from serve_app.ingress.edge import HEALTH_PATH, LIVENESS_PATH, configure_api, error_response, parse_body
 from serve_app.ingress.responses import chat_body, chat_sse, completion_body, completion_sse
-from serve_app.metrics import CONTENT_TYPE, RequestMeter, ServiceMetrics
+from serve_app.metrics import CONTENT_TYPE, RayRequestExport, RequestMeter, ServiceMetrics
 from serve_app.models.checkpoint import resolve_checkpoint
 from serve_app.protocol import (
     ChatCompletionRequest,
@@ -249,7 +249,7 @@ class Ingress:
     def __init__(self, config: AppConfig, stage: DeploymentHandle):
         self.config = config
         self.stage = stage
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(RayRequestExport())
         self.app_name = serve.get_replica_context().app_name
         self._groups: list[status_board.GroupStatus] | None = None  # the board, as last read
         self._groups_read_at = float("-inf")

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 from transformers import PreTrainedTokenizerFast
 
+from serve_app.affinity import AffinityKey
 from serve_app.autoscaling import engine_load_metrics
 from serve_app.config import AppConfig
 from serve_app.engine.sequence import EngineRequest, RequestOutput
@@ -53,7 +54,9 @@ class LlamaReplica:
         self.reporter = ReplicaReporter(replica.app_name, replica.replica_tag,
                                         lambda: (self.client.stats, self.client.healthy()))
 
-    async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestOutput]]:
+    async def generate(self, requests: list[EngineRequest], affinity: AffinityKey | None = None,
+                       ) -> AsyncIterator[list[RequestOutput]]:
+        """`affinity` chose this group (`router.CacheAffinityRouter`, in the caller); the engine needs no key."""
         async for batch in self.client.generate(requests):
             yield batch
 

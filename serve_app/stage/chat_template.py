@@ -43,6 +43,12 @@ def render_chat_prompt(
     return ids
 
 
+def opening_turn(messages: list[ChatMessage]) -> str:
+    """The first user turn's text with the system prompt folded in: the same in every turn of one
+    conversation (each resends the history), and what the stage keys its replica group by."""
+    return _turns(messages)[0]
+
+
 def _pieces(messages: list[ChatMessage]) -> list[tuple[str, bool]]:
     """The texts to encode one by one, each with whether it is a finished exchange (ends with EOS)."""
     turns = _turns(messages)

@@ -15,6 +15,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerFast
 
+from serve_app.affinity import AffinityKey
 from serve_app.config import AppConfig
 from serve_app.engine.sequence import EngineRequest
 from serve_app.models.checkpoint import resolve_checkpoint
@@ -34,8 +35,9 @@ class ChatStage:
         self.replica = replica
         self.processor = ChatProcessor(tokenizer, config.model, config.pricing, self._generate, config.api)
 
-    def _generate(self, requests: list[EngineRequest]):
-        return self.replica.generate.options(stream=True).remote(requests)
+    def _generate(self, requests: list[EngineRequest], affinity: AffinityKey):
+        # `affinity` is for the replica deployment's router (replica/router.py), which reads it in this process.
+        return self.replica.generate.options(stream=True).remote(requests, affinity=affinity)
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[StageEvent]]:
         async for events in self.processor.chat(request):

@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
+from serve_app.affinity import AffinityKey
 from serve_app.config import ApiConfig, ModelConfig, PricingConfig
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import ChoiceId, EngineRequest, FinishReason, RequestOutput, SampleLogprobs
@@ -35,13 +36,14 @@ from serve_app.protocol import (
     TopLogprob,
     Usage,
 )
-from serve_app.stage.chat_template import render_chat_prompt
+from serve_app.stage.chat_template import opening_turn, render_chat_prompt
 from serve_app.stage.detokenizer import IncrementalDetokenizer
 from serve_app.stage.stop import StopStringMatcher
 from serve_app.stage.structured_output import needs_grammar, request_grammar
 from serve_app.stage.tools import may_become_tool_call, parse_tool_calls, with_tools
 
-EngineGenerate = Callable[[list[EngineRequest]], AsyncIterator[list[RequestOutput]]]
+# The replica group's `generate`: a request's choices, and the key its group is chosen by.
+EngineGenerate = Callable[[list[EngineRequest], AffinityKey], AsyncIterator[list[RequestOutput]]]
 # Requests with more text than this (a few milliseconds of tokenizing) are tokenized on a worker thread.
 INLINE_TOKENIZE_CHARS = 8192
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -96,8 +98,9 @@ class ChatProcessor:
 
     # -- forward ---------------------------------------------------------------------------------------------
 
-    def prepare(self, request: ChatCompletionRequest) -> tuple[list[int], int]:
-        """The prompt's token ids and the completion budget; raises before any engine work is done."""
+    def prepare(self, request: ChatCompletionRequest) -> tuple[list[int], int, AffinityKey]:
+        """The prompt's token ids, the completion budget and the affinity key; raises before any engine work
+        is done."""
         self._check_n(request)
         if len(request.messages) > self.api.max_messages:
             raise InvalidRequestError(f"Too many messages: {len(request.messages)}; at most "
@@ -109,7 +112,8 @@ class ChatProcessor:
         self._check_size([message.content or "" for message in messages], "messages")
         prompt = render_chat_prompt(messages, self._encode, self.tokenizer.bos_token_id,
                                     self.tokenizer.eos_token_id)
-        return prompt, self._budget(prompt, request.max_tokens, request, "messages")
+        affinity = AffinityKey.for_request(request.prompt_cache_key, request.user, opening_turn(messages))
+        return prompt, self._budget(prompt, request.max_tokens, request, "messages"), affinity
 
     def prepare_completion(self, request: CompletionRequest) -> list[_Prompt]:
         """Each prompt's token ids (BOS + text) and budget; raises before any engine work is done."""
@@ -152,13 +156,13 @@ class ChatProcessor:
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[StageEvent]]:
         # A long conversation is tokenized off the event loop, so it does not stall every other stream here.
         if sum(len(message.content or "") for message in request.messages) > INLINE_TOKENIZE_CHARS:
-            prompt, max_tokens = await asyncio.to_thread(self.prepare, request)
+            prompt, max_tokens, affinity = await asyncio.to_thread(self.prepare, request)
         else:
-            prompt, max_tokens = self.prepare(request)
+            prompt, max_tokens, affinity = self.prepare(request)
         grammar = await _grammar(request)
         parse = (lambda text: parse_tool_calls(text, request.tools)) if request.uses_tools else None
         prompts = [_Prompt(prompt, max_tokens)]
-        async for events in self._run(prompts, request, grammar, request.logprobs, parse):
+        async for events in self._run(prompts, affinity, request, grammar, request.logprobs, parse):
             yield events
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[list[StageEvent]]:
@@ -167,10 +171,12 @@ class ChatProcessor:
         else:
             prompts = self.prepare_completion(request)
         grammar = await _grammar(request)
-        async for events in self._run(prompts, request, grammar, request.logprobs is not None, None):
+        affinity = AffinityKey.for_prompt(request.prompt_cache_key, request.user, prompts[0].token_ids)
+        async for events in self._run(prompts, affinity, request, grammar, request.logprobs is not None, None):
             yield events
 
-    async def _run(self, prompts: list[_Prompt], request: SamplingRequest, grammar: str | None,
+    async def _run(self, prompts: list[_Prompt], affinity: AffinityKey, request: SamplingRequest,
+                   grammar: str | None,
                    logprobs: bool, parse_tools: Callable[[str], list[ToolCall] | None] | None,
                    ) -> AsyncIterator[list[StageEvent]]:
         """`n` choices per prompt (choice index = prompt index * n + j), streamed as they come.
@@ -193,7 +199,7 @@ class ChatProcessor:
                 engine_request = EngineRequest(ChoiceId(request_id, index), prompt.token_ids, params)
                 choices[engine_request.choice] = _Choice(
                     self, index, engine_request, prompt.echo, request.stop or [], logprobs, parse_tools)
-        stream = self.generate([choice.engine_request for choice in choices.values()])
+        stream = self.generate([choice.engine_request for choice in choices.values()], affinity)
         try:
             async for outputs in stream:
                 by_choice: dict[ChoiceId, list[RequestOutput]] = {}

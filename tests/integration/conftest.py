@@ -57,8 +57,9 @@ def server():
     tp1_args = copy.deepcopy(args)
     tp1_args["model"]["tensor_parallel_size"] = 1
     tp1_args["engine"]["separate_process"] = False  # as configs/tiny-tp1.yaml: the engine on a thread, served
-    # Logical CPUs, for Ray's accounting: the four applications (with test_engine_recovery.py's) reserve 4.5.
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs, for Ray's accounting: the five applications (with test_engine_recovery.py's and
+    # test_routing.py's) reserve 6.
+    ray.init(num_cpus=7, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(args), name="tp2", route_prefix="/", blocking=False)
     serve.run(build_app(tp1_args), name="tp1", route_prefix="/tp1", blocking=False)

@@ -1,5 +1,6 @@
-"""Every replica group's engine gauges reach Ray's metrics, one series per group, labelled with its application
-and replica: what a Prometheus scraping Ray's nodes (KubeRay's PodMonitor, `ray up` clusters) sees.
+"""Every replica group's engine gauges and every ingress replica's request metrics reach Ray's metrics, labelled
+with their application and replica: what a Prometheus scraping Ray's nodes (KubeRay's PodMonitor, `ray up`
+clusters) sees.
 
 The ingress's `/metrics` has them too, from the status board; this is how a Prometheus that scrapes Ray sees
 them.
@@ -71,6 +72,23 @@ def test_each_replica_group_exports_its_engine_gauges_through_ray(server):
 
     wait_until(exported_as_reported, what="Ray's export of the groups' values")
     assert _group_values("ray_llama_serve_kv_cache_free_blocks", "tp1")
+
+
+def test_each_ingress_replica_exports_its_request_metrics_through_ray(server):
+    def ingress_sample(name: str, **labels: str) -> float:
+        return sum(value for found, value in _ray_samples(name) if found.get("application") == "tp1"
+                   and found.get("deployment") == "Ingress" and all(found.get(k) == v for k, v in labels.items()))
+
+    def requests_ok() -> float:
+        return ingress_sample("ray_llama_serve_requests_total", route="chat", status="200")
+
+    before = requests_ok()
+    response = httpx.post(f"{server}/tp1/v1/chat/completions", timeout=60,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})
+    assert response.status_code == 200
+    wait_until(lambda: requests_ok() >= before + 1, what="the request counted in Ray's metrics")
+    assert ingress_sample("ray_llama_serve_generation_tokens_total") >= response.json()["usage"]["completion_tokens"]
+    assert ingress_sample("ray_llama_serve_time_to_first_token_seconds_count", route="chat") >= 1
 
 
 def _headers(app: str) -> dict[str, str]:

@@ -203,6 +203,8 @@ def test_request_meter_times_tokens_and_counts_usage():
     meter.finish(200, now=2.0)  # counted once
     text = metrics.render().decode()
     assert 'llama_serve_time_to_first_token_seconds_sum{route="chat"} 0.5' in text
+    # From the first token (0.5) to the last byte (1.0), over the 2 tokens after the first.
+    assert 'llama_serve_time_per_output_token_seconds_sum{route="chat"} 0.25' in text
     assert 'llama_serve_inter_token_latency_seconds_count{route="chat"} 2.0' in text
     assert 'llama_serve_e2e_request_latency_seconds_sum{route="chat"} 1.0' in text
     assert 'llama_serve_requests_total{route="chat",status="200"} 1.0' in text
@@ -217,6 +219,44 @@ def test_request_meter_times_tokens_and_counts_usage():
     assert 'llama_serve_replica_group_healthy{replica="g2"} 0.0' in text
     metrics.set_groups([GroupStatus("g2", True, stats, 0.0)])  # g1 is gone from the board: so are its series
     assert 'replica="g1"' not in metrics.render().decode()
+
+
+class RecordingExport:
+    """Stands in for `RayRequestExport` (Ray's metrics need a running Ray): what the meter sends it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def first_token(self, *args):
+        self.calls.append(("first_token", *args))
+
+    def tokens(self, *args):
+        self.calls.append(("tokens", *args))
+
+    def finished(self, *args):
+        self.calls.append(("finished", *args))
+
+
+def test_each_request_reaches_rays_metrics_in_a_few_calls_never_one_per_token():
+    export = RecordingExport()
+    metrics = ServiceMetrics(export)
+    meter = metrics.meter("chat")
+    meter.start = 0.0
+    for i in range(1, 11):
+        meter.observe([ChoiceDelta(0, "x", num_tokens=1)], now=0.1 * i)
+    meter.observe([UsageReport(Usage.from_counts(7, 10, 0, 0))], now=1.0)
+    meter.finish(200, now=1.0)
+    assert export.calls == [("first_token", "chat", 0.1), ("tokens", 7, 10),
+                            ("finished", "chat", 200, 1.0, pytest.approx(0.1))]
+    refused = metrics.meter("completions")
+    refused.finish(429, now=refused.start + 0.01)
+    assert export.calls[-1] == ("finished", "completions", 429, None, None)  # no latency for a refusal
+
+
+def test_metrics_help_says_which_requests_it_covers():
+    text = ServiceMetrics().render().decode()
+    helps = [line for line in text.splitlines() if line.startswith("# HELP llama_serve_requests_total")]
+    assert helps and "This ingress replica's requests only" in helps[0]
 
 
 def test_a_tool_call_delta_becomes_an_openai_chunk():

@@ -8,6 +8,7 @@ import json
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from serve_app.affinity import AffinityKey
 from serve_app.config import ApiConfig, ModelConfig, PricingConfig
 from serve_app.engine.sequence import EngineRequest, FinishReason, RequestOutput
 from serve_app.errors import ContextLengthExceededError, InvalidRequestError
@@ -24,15 +25,18 @@ def tokenizer(tiny_checkpoint):
     return PreTrainedTokenizerFast.from_pretrained(tiny_checkpoint)
 
 
-def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest], cached: dict[int, int] | None = None):
+def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest], cached: dict[int, int] | None = None,
+                    keys: list[AffinityKey] | None = None):
     """A fake engine that answers every request of a call with `reply`'s tokens, one per step (each step's
     outputs for all requests in one message), then EOS. Choice `i`'s first output says that `cached[i]` of
-    its prompt tokens were cached (0 when not given)."""
+    its prompt tokens were cached (0 when not given). Each call's affinity key goes to `keys`."""
     ids = tokenizer.encode(reply, add_special_tokens=False)
     cached = cached or {}
 
-    async def generate(requests: list[EngineRequest]):
+    async def generate(requests: list[EngineRequest], affinity: AffinityKey):
         seen.extend(requests)
+        if keys is not None:
+            keys.append(affinity)
         for i in range(len(ids)):
             batch = []
             for request in requests:
@@ -175,7 +179,7 @@ def test_a_stop_string_inside_a_coalesced_batch_ends_usage_at_its_token(tokenize
     reply = "Hello there, my friend. How are you today?"
     ids = tokenizer.encode(reply, add_special_tokens=False)
 
-    async def one_batch(requests: list[EngineRequest]):
+    async def one_batch(requests: list[EngineRequest], affinity: AffinityKey):
         (request,) = requests
         yield [RequestOutput(request.choice, [token], finish_reason=FinishReason.STOP if i == len(ids) - 1 else None)
                for i, token in enumerate(ids)]
@@ -208,7 +212,7 @@ def test_choices_share_one_engine_call_and_a_stopped_choice_does_not_hold_the_re
     plain = tokenizer.encode("A short answer.", add_special_tokens=False)
     calls, steps_sent, closed = [], [], []
 
-    async def generate(requests: list[EngineRequest]):
+    async def generate(requests: list[EngineRequest], affinity: AffinityKey):
         calls.append([request.choice for request in requests])
         first, second = requests
         try:
@@ -237,7 +241,7 @@ def test_choices_share_one_engine_call_and_a_stopped_choice_does_not_hold_the_re
 
 
 def test_an_engine_stream_that_ends_early_is_an_error_not_a_silent_reply(tokenizer):
-    async def cut_short(requests: list[EngineRequest]):
+    async def cut_short(requests: list[EngineRequest], affinity: AffinityKey):
         yield [RequestOutput(requests[0].choice, [tokenizer.encode("Hi", add_special_tokens=False)[0]])]
 
     stage = ChatProcessor(tokenizer, ModelConfig(source="x", served_model_id=MODEL, max_model_len=512), PricingConfig(),

@@ -176,7 +176,7 @@ def test_the_stage_checks_schemas_off_its_event_loop(tokenizer, monkeypatch):
 
     monkeypatch.setattr(structured_output, "check_schema", recording_check)
 
-    async def generate(requests):
+    async def generate(requests, affinity):
         seen.extend(requests)
         for request in requests:
             yield [_output(request)]

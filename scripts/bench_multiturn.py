@@ -79,7 +79,7 @@ def workload(args: argparse.Namespace) -> tuple[str, list[Conversation]]:
 
 
 async def run_conversation(client: httpx.AsyncClient, model: str, index: int, system: str,
-                           conversation: Conversation, max_model_len: int, think_s: float,
+                           conversation: Conversation, max_model_len: int, block_size: int, think_s: float,
                            rng: random.Random) -> list[Turn]:
     await asyncio.sleep(rng.uniform(0, 2 * think_s))  # staggered starts, not one wave
     messages = [{"role": "system", "content": system}]
@@ -110,7 +110,7 @@ async def run_conversation(client: httpx.AsyncClient, model: str, index: int, sy
         prompt = usage["prompt_tokens"]
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         # What the conversation's group always has for this turn: the last turn's prompt, in whole blocks.
-        reusable = last_prompt // 16 * 16 if k else 0
+        reusable = last_prompt // block_size * block_size if k else 0
         turns.append(Turn(index, k, prompt, cached, usage["completion_tokens"], max(reusable, 0),
                           ttft if ttft is not None else time.perf_counter() - started))
         last_total, last_prompt = prompt + usage["completion_tokens"], prompt
@@ -151,13 +151,14 @@ def application_args(args: argparse.Namespace, policy: str) -> dict:
     return app_args
 
 
-async def drive(base_url: str, args: argparse.Namespace, model: str, max_model_len: int) -> list[Turn]:
+async def drive(base_url: str, args: argparse.Namespace, model: str, max_model_len: int,
+                block_size: int) -> list[Turn]:
     system, conversations = workload(args)
     rngs = [random.Random(args.seed * 1000 + i) for i in range(len(conversations))]
     limits = httpx.Limits(max_connections=args.conversations + 8)
     async with httpx.AsyncClient(base_url=f"{base_url}/v1", timeout=600, limits=limits) as client:
         per_conversation = await asyncio.gather(*(
-            run_conversation(client, model, i, system, c, max_model_len, args.think_s, rngs[i])
+            run_conversation(client, model, i, system, c, max_model_len, block_size, args.think_s, rngs[i])
             for i, c in enumerate(conversations)))
     return [turn for turns in per_conversation for turn in turns]
 
@@ -216,12 +217,14 @@ def main() -> None:
     all_turns: dict[str, list[dict]] = {policy: [] for policy in POLICIES}
     try:
         for round_index in range(args.rounds):
-            for policy in POLICIES:
+            # Alternate which policy runs first, so the machine's drift over a run favours neither.
+            for policy in POLICIES if round_index % 2 == 0 else POLICIES[::-1]:
                 app_args = application_args(args, policy)
                 config = AppConfig.model_validate(app_args)
                 serve.run(build_app(app_args), name="multiturn", route_prefix="/multiturn", blocking=False)
                 wait_for_groups(base_url, args.groups)
-                turns = asyncio.run(drive(base_url, args, config.model.served_model_id, config.model.max_model_len))
+                turns = asyncio.run(drive(base_url, args, config.model.served_model_id, config.model.max_model_len,
+                                          config.engine.block_size))
                 summary = summarize(turns)
                 results[policy].append(summary)
                 all_turns[policy] += [asdict(t) | {"round": round_index} for t in turns]

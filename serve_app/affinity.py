@@ -14,9 +14,12 @@ else. So the stage gives every request an *affinity key*, the same for all turns
 The router (`replica/router.py`) runs in every stage replica, so the choice must come out the same in each
 of them without their talking to each other. `choose_group` ranks the groups by rendezvous hashing of the
 key (highest random weight): every router computes the same order from the key and the group ids alone,
-and when a group joins or leaves only the keys whose first choice it is move. A load guard keeps one group
-from being buried under hot keys: when the preferred group has more than `max_imbalance` requests in flight
-beyond the least loaded one, the request goes to the least loaded one instead (and its cache starts there).
+and when a group joins or leaves only the keys whose first choice it is move. Two guards keep one group from
+being buried under hot keys: a group with `capacity` requests in flight (what its engine runs and lets wait;
+one more would be refused with 429) goes to the end of the order, so the request tries the key's next group
+first; and when the preferred group has more than `max_imbalance` requests in flight beyond the least loaded
+one, the least loaded one goes first. Neither is sticky: once the load evens out, the key's own group is
+first again.
 
 No Ray here: the policy is plain functions, tested on their own.
 """
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 KeySource = Literal["prompt_cache_key", "user", "conversation", "prompt"]
-RouteReason = Literal["affinity", "load_guard"]
+RouteReason = Literal["affinity", "load_guard", "full"]
 # Prompts of `/v1/completions` that share this many leading tokens go to one group.
 COMPLETION_KEY_TOKENS = 64
 
@@ -81,12 +84,17 @@ def rendezvous_order(digest: str, groups: Sequence[Group], group_id: Callable[[G
 
 
 def choose_group(key: AffinityKey, groups: Sequence[Group], group_id: Callable[[Group], str],
-                 in_flight: Callable[[Group], int], max_imbalance: int) -> RouteChoice:
-    """Rendezvous order for `key`, unless its first group is more than `max_imbalance` requests busier than
-    the least loaded group: then that group goes first."""
+                 in_flight: Callable[[Group], int], max_imbalance: int, capacity: int | None = None) -> RouteChoice:
+    """Rendezvous order for `key`, with the groups at `capacity` moved to the end (reason `full` when that
+    moved the key's first group); else, when the first group is more than `max_imbalance` requests busier
+    than the least loaded group, that group goes first (`load_guard`)."""
     order = rendezvous_order(key.digest, groups, group_id)
-    loads = [in_flight(group) for group in order]
-    lightest = min(range(len(order)), key=loads.__getitem__)  # the first of equals, so also stable
-    if loads[0] - loads[lightest] > max_imbalance:
-        return RouteChoice([order[lightest], *order[:lightest], *order[lightest + 1:]], "load_guard")
+    loads = {id(group): in_flight(group) for group in order}
+    if capacity is not None:
+        open_groups = [group for group in order if loads[id(group)] < capacity]
+        if open_groups and open_groups[0] is not order[0]:
+            return RouteChoice(open_groups + [group for group in order if loads[id(group)] >= capacity], "full")
+    lightest = min(order, key=lambda group: loads[id(group)])  # the first of equals, so also stable
+    if loads[id(order[0])] - loads[id(lightest)] > max_imbalance:
+        return RouteChoice([lightest, *(group for group in order if group is not lightest)], "load_guard")
     return RouteChoice(order, "affinity")

@@ -38,7 +38,8 @@ def replica_routing(config: AppConfig) -> dict[str, Any]:
     if config.routing.policy != "cache_affinity":
         return {}
     return {"request_router_config": {"request_router_class": CacheAffinityRouter,
-                                      "request_router_kwargs": {"max_imbalance": config.max_imbalance}}}
+                                      "request_router_kwargs": {"max_imbalance": config.max_imbalance,
+                                                                "capacity": config.group_capacity}}}
 
 
 def build_app(args: dict[str, Any]) -> Application:

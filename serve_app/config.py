@@ -206,6 +206,12 @@ class AppConfig(StrictModel):
         return self.engine.max_num_seqs
 
     @property
+    def group_capacity(self) -> int:
+        """Client requests one replica group takes before its engine refuses more (429): a running batch
+        and the waiting queue's bound, counting each request as one sequence."""
+        return self.engine.max_num_seqs + self.api.max_waiting_requests
+
+    @property
     def max_body_bytes(self) -> int:
         """`api.max_body_bytes`, or the default that fits the model's context."""
         if self.api.max_body_bytes is not None:

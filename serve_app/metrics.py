@@ -88,8 +88,8 @@ class ServiceMetrics:
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Generated tokens (all choices)." + ONE_INGRESS,
                                          registry=r)
         self.time_per_output_token = Histogram(
-            f"{PREFIX}time_per_output_token_seconds", "Per successful request: from its first token to its last, "
-            "over its tokens after the first." + ONE_INGRESS, ["route"], buckets=_TOKEN_BUCKETS, registry=r)
+            f"{PREFIX}time_per_output_token_seconds", "Per successful request: from its first token to its end, "
+            "over its tokens after the first (all choices')." + ONE_INGRESS, ["route"], buckets=_TOKEN_BUCKETS, registry=r)
         by_group = " One series per replica group (label `replica`), from the application's status board."
         self.engine_gauges = {name: Gauge(f"{PREFIX}{name}", help_text + by_group, ["replica"], registry=r)
                               for name, (help_text, _) in ENGINE_GAUGES.items()}
@@ -193,8 +193,8 @@ class RayRequestExport:
         self._e2e = RayHistogram(f"{PREFIX}e2e_request_latency_seconds", boundaries=list(_LATENCY_BUCKETS),
                                  description="From request arrival to its last byte.", tag_keys=("route",))
         self._tpot = RayHistogram(f"{PREFIX}time_per_output_token_seconds", boundaries=list(_TOKEN_BUCKETS),
-                                  description="Per successful request: from its first token to its last, over "
-                                  "its tokens after the first.", tag_keys=("route",))
+                                  description="Per successful request: from its first token to its end, over "
+                                  "its tokens after the first (all choices').", tag_keys=("route",))
 
     def first_token(self, route: str, seconds: float) -> None:
         self._ttft.observe(seconds, tags={"route": route})

@@ -7,15 +7,18 @@ rendezvous order of the groups for the key, with the load guard. Each group is i
 preferred group is full (`max_ongoing_requests`) Serve tries the next in the key's order rather than any
 group: a conversation that overflows keeps landing on the same second group too.
 
-The load it reads is Serve's own count of the requests this router has in flight on each group (updated on
+The load it reads is Serve's own count of the calls this router has in flight on each group (updated on
 every send and completion, corrected by the group on every accept); a count Serve has let go stale (no
-traffic from this router to that group for a while) reads as idle. No probe and no shared state: choosing
-costs a few hashes on the stage's event loop.
+traffic from this router to that group for a while) reads as idle. The router itself sends no probe and
+shares no state: choosing costs a few hashes in the stage's process (Serve then probes a group whose count
+it lacks before sending there, as for any router).
 
 Every routed request is counted in Ray's metrics as `llama_serve_routing_decisions` by `reason`
-(`affinity`: the key's first group; `load_guard`: moved to the least loaded group; `overflow`: the first
-choice was full; `no_key`: a call without a key, which goes to the least loaded group) and by the key's
-`source`.
+(`affinity`: the key's first group; `full`: that group had as many requests as its engine runs and lets
+wait, so the key's next open group took it; `load_guard`: moved to the least loaded group; `overflow`: Serve
+found the first choice full (`max_ongoing_requests`) and took a later one; `no_key`: a call without a key —
+none from this application's stage — which goes to the least loaded group) and by the key's `source`.
+Counts are per call (one client request, all its choices), not per sequence.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ _MAX_PENDING_DECISIONS = 4096
 
 
 class CacheAffinityRouter(RequestRouter):
-    def initialize_state(self, max_imbalance: int = 32) -> None:
-        self._max_imbalance = max_imbalance
+    def initialize_state(self, max_imbalance: int = 32, capacity: int | None = None) -> None:
+        self._max_imbalance, self._capacity = max_imbalance, capacity
         self._decisions: OrderedDict[str, tuple[ReplicaID | None, str, str]] = OrderedDict()
         self._counter = Counter("llama_serve_routing_decisions",
                                 description="Requests routed to a replica group, by why that group.",
@@ -43,14 +46,15 @@ class CacheAffinityRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         key = _affinity(pending_request)
+        if pending_request is not None:
+            # Without this Serve retries a full set of groups in a busy loop instead of backing off.
+            pending_request.routing_context.should_backoff = True
         if key is None or len(candidate_replicas) < 2:
             self._remember(pending_request, None, "no_key" if key is None else "affinity", key)
             return [candidate_replicas]
         cache = self.replica_queue_len_cache
         choice = choose_group(key, candidate_replicas, lambda r: r.replica_id.unique_id,
-                              lambda r: cache.get(r.replica_id) or 0, self._max_imbalance)
-        # Without this Serve retries a full set of groups in a busy loop instead of backing off.
-        pending_request.routing_context.should_backoff = True
+                              lambda r: cache.get(r.replica_id) or 0, self._max_imbalance, self._capacity)
         self._remember(pending_request, choice.order[0].replica_id, choice.reason, key)
         return [[replica] for replica in choice.order]
 

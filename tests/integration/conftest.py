@@ -58,7 +58,7 @@ def server():
     tp1_args["model"]["tensor_parallel_size"] = 1
     tp1_args["engine"]["separate_process"] = False  # as configs/tiny-tp1.yaml: the engine on a thread, served
     # Logical CPUs, for Ray's accounting: the five applications (with test_engine_recovery.py's and
-    # test_routing.py's) reserve 6.
+    # test_routing.py's) reserve about 6.25.
     ray.init(num_cpus=7, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(args), name="tp2", route_prefix="/", blocking=False)

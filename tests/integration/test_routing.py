@@ -6,6 +6,7 @@ pins requests that share nothing; every decision is counted in Ray's metrics."""
 from __future__ import annotations
 
 import copy
+import time
 import uuid
 
 import httpx
@@ -34,6 +35,14 @@ def _two_group_args() -> dict:
     return args
 
 
+def _running_replicas(deployment: str) -> int:
+    from ray import serve
+
+    application = serve.status().applications.get("affinity")
+    status = application.deployments.get(deployment) if application is not None else None
+    return status.replica_states.get("RUNNING", 0) if status is not None else 0
+
+
 @pytest.fixture(scope="module")
 def affinity_app(server):
     from ray import serve
@@ -45,6 +54,10 @@ def affinity_app(server):
     _wait_until_healthy(f"{base}/health")
     wait_until(lambda: httpx.get(f"{base}/health", timeout=10).json()["replica_groups"].get("healthy") == 2,
                what="both replica groups healthy")
+    # A group reports itself healthy from its constructor, before Serve runs it and tells the stage's routers;
+    # the tests need every router to know both groups.
+    wait_until(lambda: _running_replicas("LlamaReplica") == 2 and _running_replicas("ChatStage") == 2,
+               what="two running replicas of the replica group and the stage deployments")
     yield base
     serve.delete("affinity")
 
@@ -61,15 +74,32 @@ def _queries_by_group(base: str) -> dict[str, float]:
             for sample in family.samples if sample.name == "llama_serve_prefix_cache_query_tokens"}
 
 
+# Each group publishes its stats about once a second and the ingress caches the board for 0.5 s: two reads
+# this far apart that agree show a board with nothing still on its way.
+BOARD_SETTLED_S = 2.0
+
+
+def _settled_queries(base: str) -> dict[str, float]:
+    """`_queries_by_group` once two reads `BOARD_SETTLED_S` apart agree (no lookups still to be published)."""
+    def settled() -> dict[str, float] | None:
+        first = _queries_by_group(base)
+        time.sleep(BOARD_SETTLED_S)
+        return first if _queries_by_group(base) == first and first else None
+
+    return wait_until(settled, what="the status board settled")
+
+
 def _groups_that_served(base: str, before: dict[str, float], prompt_tokens: int) -> set[str]:
-    """The groups whose lookups grew since `before`, once the board shows all `prompt_tokens` looked up (each
-    group publishes about once a second)."""
+    """The groups whose lookups grew since `before` (a settled reading), once the board has settled again
+    and shows exactly this test's `prompt_tokens` looked up."""
     def grown() -> dict[str, float] | None:
-        now = _queries_by_group(base)
+        now = _settled_queries(base)
         growth = {group: now.get(group, 0) - before.get(group, 0) for group in now}
         return growth if sum(growth.values()) >= prompt_tokens else None
 
-    return {group for group, tokens in wait_until(grown, what="every prompt looked up").items() if tokens > 0}
+    growth = wait_until(grown, what="every prompt looked up")
+    assert sum(growth.values()) == prompt_tokens, growth  # nothing else ran on these groups meanwhile
+    return {group for group, tokens in growth.items() if tokens > 0}
 
 
 def test_a_conversation_stays_on_one_group_and_its_cached_tokens_grow(client):
@@ -96,7 +126,7 @@ def test_a_conversation_stays_on_one_group_and_its_cached_tokens_grow(client):
 
 
 def test_different_conversations_spread_over_both_groups(client, affinity_app):
-    before = _queries_by_group(affinity_app)
+    before = _settled_queries(affinity_app)
     prompt_tokens = 0
     for i in range(16):  # all 16 on one group by chance: 1 in 32,768
         completion = client.chat.completions.create(
@@ -107,7 +137,7 @@ def test_different_conversations_spread_over_both_groups(client, affinity_app):
 
 def test_one_prompt_cache_key_pins_requests_that_share_nothing(client, affinity_app):
     key = f"ticket-{uuid.uuid4().hex}"
-    before = _queries_by_group(affinity_app)
+    before = _settled_queries(affinity_app)
     prompt_tokens = 0
     for i in range(8):  # unrelated openings, one key; 8 spread by their openings share a group 1 time in 128
         completion = client.chat.completions.create(
@@ -125,9 +155,11 @@ def test_routing_decisions_are_counted_in_rays_metrics(client, affinity_app):
                    if labels.get("application") == "affinity" and labels.get("source") == source
                    and labels.get("reason") in ("affinity", "load_guard", "overflow"))
 
-    before = counted("user")
+    before_user, before_conversation = counted("user"), counted("conversation")
     for _ in range(3):
         client.chat.completions.create(model=MODEL, max_tokens=1, user=f"user-{uuid.uuid4().hex}",
                                        messages=[{"role": "user", "content": "Hello"}])
-    wait_until(lambda: counted("user") >= before + 3, what="three decisions by user in Ray's metrics")
-    assert counted("conversation") > 0  # the earlier tests' conversations
+    client.chat.completions.create(model=MODEL, max_tokens=1,
+                                   messages=[{"role": "user", "content": f"Hello {uuid.uuid4().hex}"}])
+    wait_until(lambda: counted("user") >= before_user + 3 and counted("conversation") >= before_conversation + 1,
+               what="three decisions by user and one by conversation in Ray's metrics")

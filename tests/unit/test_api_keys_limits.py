@@ -248,9 +248,9 @@ def test_each_request_reaches_rays_metrics_in_a_few_calls_never_one_per_token():
     meter.finish(200, now=1.0)
     assert export.calls == [("first_token", "chat", 0.1), ("tokens", 7, 10),
                             ("finished", "chat", 200, 1.0, pytest.approx(0.1))]
-    refused = metrics.meter("completions")
+    refused = metrics.meter("complete")
     refused.finish(429, now=refused.start + 0.01)
-    assert export.calls[-1] == ("finished", "completions", 429, None, None)  # no latency for a refusal
+    assert export.calls[-1] == ("finished", "complete", 429, None, None)  # no latency for a refusal
 
 
 def test_metrics_help_says_which_requests_it_covers():

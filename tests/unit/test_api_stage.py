@@ -54,9 +54,9 @@ def scripted_engine(tokenizer, reply: str, seen: list[EngineRequest], cached: di
 
 
 def make_stage(tokenizer, reply: str, seen: list, cached: dict[int, int] | None = None,
-               pricing: PricingConfig | None = None, **api) -> ChatProcessor:
+               pricing: PricingConfig | None = None, keys: list[AffinityKey] | None = None, **api) -> ChatProcessor:
     model = ModelConfig(source="x", served_model_id=MODEL, max_model_len=512)
-    generate = scripted_engine(tokenizer, reply, seen, cached)
+    generate = scripted_engine(tokenizer, reply, seen, cached, keys)
     return ChatProcessor(tokenizer, model, pricing or PricingConfig(), generate, ApiConfig(**api))
 
 
@@ -325,3 +325,17 @@ def test_chat_usage_reports_the_cached_prompt_tokens(tokenizer):
     assert usage.prompt_tokens_details.cached_tokens == 48 < usage.prompt_tokens
     assert collect(make_stage(tokenizer, "Hello there", []).chat(request))[-1].usage.prompt_tokens_details \
         .cached_tokens == 0
+
+
+def test_each_engine_call_carries_its_requests_affinity_key(tokenizer):
+    """The key the replica group is chosen by reaches the engine call, from chat and from completions."""
+    keys: list[AffinityKey] = []
+    stage = make_stage(tokenizer, "Fine.", [], keys=keys)
+    opening = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    collect(stage.chat(ChatCompletionRequest.model_validate({"model": MODEL, "messages": opening})))
+    later = opening + [{"role": "assistant", "content": "Fine."}, {"role": "user", "content": "More?"}]
+    collect(stage.chat(ChatCompletionRequest.model_validate({"model": MODEL, "messages": later})))
+    collect(stage.complete(CompletionRequest.model_validate({"model": MODEL, "prompt": ["a", "b"],
+                                                             "prompt_cache_key": "k"})))
+    assert keys[0] == keys[1] and keys[0].source == "conversation"  # one conversation, one key
+    assert keys[2] == AffinityKey.of("prompt_cache_key", "k") and len(keys) == 3  # both prompts, one call

@@ -61,6 +61,19 @@ def test_the_load_guard_moves_a_request_only_past_the_allowed_imbalance():
     assert beyond.order == [lightest, preferred, *others[:-1]]
 
 
+def test_a_group_with_a_full_engine_goes_last_so_the_keys_next_group_takes_the_request():
+    """A group at its engine's capacity would answer 429; the key's next group, not any group, gets it."""
+    key = KEYS[1]
+    first, second, third, fourth = rendezvous_order(key.digest, GROUPS, str)
+    loads = {first: 96, second: 10, third: 0, fourth: 96}
+    choice = choose_group(key, GROUPS, str, loads.__getitem__, max_imbalance=1000, capacity=96)
+    assert choice.reason == "full" and choice.order == [second, third, first, fourth]
+    below = choose_group(key, GROUPS, str, {**loads, first: 95}.__getitem__, max_imbalance=1000, capacity=96)
+    assert below.reason == "affinity" and below.order[0] == first
+    everyone_full = choose_group(key, GROUPS, str, lambda group: 96, max_imbalance=1000, capacity=96)
+    assert everyone_full.order == [first, second, third, fourth]  # Serve queues it on the key's own group
+
+
 def test_the_client_named_key_wins_then_the_user_then_the_opening():
     opening = "You are terse.\nHi"
     assert AffinityKey.for_request("conv-1", "alice", opening) == AffinityKey.of("prompt_cache_key", "conv-1")
@@ -121,7 +134,7 @@ def test_prompt_cache_key_and_user_pin_requests_whatever_their_text(stage):
 
 
 def test_completion_prompts_are_keyed_by_their_first_tokens(stage):
-    def completion_key(prompt: str) -> AffinityKey:
+    def completion_key(prompt: str) -> AffinityKey:  # as `ChatProcessor.complete` keys its call
         request = CompletionRequest.model_validate({"model": MODEL, "prompt": prompt})
         prompts = stage.prepare_completion(request)
         return AffinityKey.for_prompt(request.prompt_cache_key, request.user, prompts[0].token_ids)
@@ -187,6 +200,17 @@ def test_the_router_ranks_each_group_alone_in_the_keys_order_and_counts_why(monk
     assert [tags["source"] for tags in counted] == ["conversation"] * 3 + ["none"]
 
 
+def test_with_one_group_a_full_group_is_retried_with_backoff():
+    router, replicas = make_router(max_imbalance=4)
+
+    async def scenario():
+        request = pending(KEYS[0], "solo")
+        assert await router.choose_replicas(replicas[:1], request) == [replicas[:1]]
+        return request
+
+    assert asyncio.run(scenario()).routing_context.should_backoff
+
+
 def test_the_default_config_routes_by_cache_affinity_with_a_batch_of_slack():
     from serve_app.app import replica_routing
     from serve_app.replica.router import CacheAffinityRouter
@@ -194,5 +218,7 @@ def test_the_default_config_routes_by_cache_affinity_with_a_batch_of_slack():
     args = {"model": {"source": "x", "served_model_id": MODEL},
             "engine": {"device": "cpu", "kv_cache_bytes": 1 << 20, "max_num_seqs": 24}}
     options = replica_routing(AppConfig.model_validate(args))["request_router_config"]
-    assert options == {"request_router_class": CacheAffinityRouter, "request_router_kwargs": {"max_imbalance": 24}}
+    # A group takes its running batch plus the waiting queue's bound (api.max_waiting_requests, 256) at most.
+    assert options == {"request_router_class": CacheAffinityRouter,
+                       "request_router_kwargs": {"max_imbalance": 24, "capacity": 24 + 256}}
     assert replica_routing(AppConfig.model_validate({**args, "routing": {"policy": "power_of_two"}})) == {}

@@ -22,6 +22,7 @@ with param "messages".
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from serve_app.errors import InvalidRequestError
 from serve_app.protocol import ChatMessage
@@ -30,28 +31,38 @@ B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
-def render_chat_prompt(
-    messages: list[ChatMessage], encode: Callable[[str], list[int]], bos_id: int, eos_id: int
-) -> list[int]:
-    """Prompt token ids for `messages`; `encode` is the tokenizer without special tokens."""
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation's prompt token ids, and its opening: the first user turn's text with the system prompt
+    folded in, the same in every turn of one conversation (each resends the history), which the stage keys
+    the conversation's replica group by."""
+
+    token_ids: list[int]
+    opening: str
+
+
+def render_chat(messages: list[ChatMessage], encode: Callable[[str], list[int]], bos_id: int, eos_id: int
+                ) -> ChatPrompt:
+    """`messages` as prompt token ids, and their opening; `encode` is the tokenizer without special tokens."""
+    turns = _turns(messages)
     ids: list[int] = []
-    for text, finished in _pieces(messages):
+    for text, finished in _pieces(turns):
         ids.append(bos_id)
         ids.extend(encode(text))
         if finished:
             ids.append(eos_id)
-    return ids
+    return ChatPrompt(ids, turns[0])
 
 
-def opening_turn(messages: list[ChatMessage]) -> str:
-    """The first user turn's text with the system prompt folded in: the same in every turn of one
-    conversation (each resends the history), and what the stage keys its replica group by."""
-    return _turns(messages)[0]
+def render_chat_prompt(
+    messages: list[ChatMessage], encode: Callable[[str], list[int]], bos_id: int, eos_id: int
+) -> list[int]:
+    """Prompt token ids for `messages`; `encode` is the tokenizer without special tokens."""
+    return render_chat(messages, encode, bos_id, eos_id).token_ids
 
 
-def _pieces(messages: list[ChatMessage]) -> list[tuple[str, bool]]:
+def _pieces(turns: list[str]) -> list[tuple[str, bool]]:
     """The texts to encode one by one, each with whether it is a finished exchange (ends with EOS)."""
-    turns = _turns(messages)
     pieces = [
         (f"{B_INST} {user.strip()} {E_INST} {assistant.strip()} ", True)
         for user, assistant in zip(turns[:-1:2], turns[1::2], strict=True)

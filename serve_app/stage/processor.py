@@ -36,7 +36,7 @@ from serve_app.protocol import (
     TopLogprob,
     Usage,
 )
-from serve_app.stage.chat_template import opening_turn, render_chat_prompt
+from serve_app.stage.chat_template import render_chat
 from serve_app.stage.detokenizer import IncrementalDetokenizer
 from serve_app.stage.stop import StopStringMatcher
 from serve_app.stage.structured_output import needs_grammar, request_grammar
@@ -110,9 +110,9 @@ class ChatProcessor:
             messages = with_tools(messages, request.tools, request.forced_tool,
                                   request.tool_choice == "required", request.parallel_tool_calls)
         self._check_size([message.content or "" for message in messages], "messages")
-        prompt = render_chat_prompt(messages, self._encode, self.tokenizer.bos_token_id,
-                                    self.tokenizer.eos_token_id)
-        affinity = AffinityKey.for_request(request.prompt_cache_key, request.user, opening_turn(messages))
+        chat = render_chat(messages, self._encode, self.tokenizer.bos_token_id, self.tokenizer.eos_token_id)
+        prompt = chat.token_ids
+        affinity = AffinityKey.for_request(request.prompt_cache_key, request.user, chat.opening)
         return prompt, self._budget(prompt, request.max_tokens, request, "messages"), affinity
 
     def prepare_completion(self, request: CompletionRequest) -> list[_Prompt]:

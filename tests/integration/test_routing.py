@@ -13,14 +13,15 @@ import httpx
 import openai
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
+from serve_app import status_board
 from tests.integration.conftest import ROOT, _wait_until_healthy, wait_until
 
 pytestmark = pytest.mark.integration
 
 MODEL = "tiny-llama-2-chat"
-PREFIX = "/affinity"
+APPLICATION = "affinity"
+PREFIX = f"/{APPLICATION}"
 
 
 def _two_group_args() -> dict:
@@ -38,7 +39,7 @@ def _two_group_args() -> dict:
 def _running_replicas(deployment: str) -> int:
     from ray import serve
 
-    application = serve.status().applications.get("affinity")
+    application = serve.status().applications.get(APPLICATION)
     status = application.deployments.get(deployment) if application is not None else None
     return status.replica_states.get("RUNNING", 0) if status is not None else 0
 
@@ -49,7 +50,7 @@ def affinity_app(server):
 
     from serve_app.app import build_app
 
-    serve.run(build_app(_two_group_args()), name="affinity", route_prefix=PREFIX, blocking=False)
+    serve.run(build_app(_two_group_args()), name=APPLICATION, route_prefix=PREFIX, blocking=False)
     base = f"{server}{PREFIX}"
     _wait_until_healthy(f"{base}/health")
     wait_until(lambda: httpx.get(f"{base}/health", timeout=10).json()["replica_groups"].get("healthy") == 2,
@@ -59,7 +60,7 @@ def affinity_app(server):
     wait_until(lambda: _running_replicas("LlamaReplica") == 2 and _running_replicas("ChatStage") == 2,
                what="two running replicas of the replica group and the stage deployments")
     yield base
-    serve.delete("affinity")
+    serve.delete(APPLICATION)
 
 
 @pytest.fixture(scope="module")
@@ -67,38 +68,25 @@ def client(affinity_app) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{affinity_app}/v1", api_key="unused", max_retries=0)
 
 
-def _queries_by_group(base: str) -> dict[str, float]:
-    """replica group -> prompt tokens it has looked up in its prefix cache, from the ingress's /metrics."""
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    return {sample.labels["replica"]: sample.value for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == "llama_serve_prefix_cache_query_tokens"}
+def _queries_published_after(mark: float) -> dict[str, int]:
+    """replica group -> prompt tokens it has looked up in its prefix cache, from the status board once both
+    groups have published stats taken after `mark` (a `time.time()`): every lookup made before `mark` is in
+    them, whatever the board's period."""
+    def fresh() -> dict[str, int] | None:
+        groups = status_board.read_board(APPLICATION)
+        if len(groups) == 2 and all(group.published_at > mark and group.stats is not None for group in groups):
+            return {group.replica: group.stats.prefix_cache_query_tokens for group in groups}
+        return None
+
+    return wait_until(fresh, what="both groups' stats published after the mark")
 
 
-# Each group publishes its stats about once a second and the ingress caches the board for 0.5 s: two reads
-# this far apart that agree show a board with nothing still on its way.
-BOARD_SETTLED_S = 2.0
-
-
-def _settled_queries(base: str) -> dict[str, float]:
-    """`_queries_by_group` once two reads `BOARD_SETTLED_S` apart agree (no lookups still to be published)."""
-    def settled() -> dict[str, float] | None:
-        first = _queries_by_group(base)
-        time.sleep(BOARD_SETTLED_S)
-        return first if _queries_by_group(base) == first and first else None
-
-    return wait_until(settled, what="the status board settled")
-
-
-def _groups_that_served(base: str, before: dict[str, float], prompt_tokens: int) -> set[str]:
-    """The groups whose lookups grew since `before` (a settled reading), once the board has settled again
-    and shows exactly this test's `prompt_tokens` looked up."""
-    def grown() -> dict[str, float] | None:
-        now = _settled_queries(base)
-        growth = {group: now.get(group, 0) - before.get(group, 0) for group in now}
-        return growth if sum(growth.values()) >= prompt_tokens else None
-
-    growth = wait_until(grown, what="every prompt looked up")
-    assert sum(growth.values()) == prompt_tokens, growth  # nothing else ran on these groups meanwhile
+def _groups_that_served(before: dict[str, int], prompt_tokens: int) -> set[str]:
+    """The groups whose lookups grew since `before`, read once every request sent since is finished; their
+    growth is exactly this test's `prompt_tokens` (nothing else ran on these groups meanwhile)."""
+    after = _queries_published_after(time.time())
+    growth = {group: after[group] - before.get(group, 0) for group in after}
+    assert sum(growth.values()) == prompt_tokens, growth
     return {group for group, tokens in growth.items() if tokens > 0}
 
 
@@ -125,35 +113,36 @@ def test_a_conversation_stays_on_one_group_and_its_cached_tokens_grow(client):
             messages.append({"role": "assistant", "content": completion.choices[0].message.content})
 
 
-def test_different_conversations_spread_over_both_groups(client, affinity_app):
-    before = _settled_queries(affinity_app)
+def test_different_conversations_spread_over_both_groups(client):
+    before = _queries_published_after(time.time())
     prompt_tokens = 0
     for i in range(16):  # all 16 on one group by chance: 1 in 32,768
         completion = client.chat.completions.create(
             model=MODEL, max_tokens=1, messages=[{"role": "user", "content": f"Opening {i} {uuid.uuid4().hex}"}])
         prompt_tokens += completion.usage.prompt_tokens
-    assert len(_groups_that_served(affinity_app, before, prompt_tokens)) == 2
+    assert len(_groups_that_served(before, prompt_tokens)) == 2
 
 
-def test_one_prompt_cache_key_pins_requests_that_share_nothing(client, affinity_app):
+@pytest.mark.parametrize("field", ["prompt_cache_key", "user"])
+def test_one_prompt_cache_key_or_user_pins_requests_that_share_nothing(client, field):
     key = f"ticket-{uuid.uuid4().hex}"
-    before = _settled_queries(affinity_app)
+    before = _queries_published_after(time.time())
     prompt_tokens = 0
     for i in range(8):  # unrelated openings, one key; 8 spread by their openings share a group 1 time in 128
         completion = client.chat.completions.create(
-            model=MODEL, max_tokens=1, prompt_cache_key=key,
+            model=MODEL, max_tokens=1, **{field: key},
             messages=[{"role": "user", "content": f"Unrelated question {i} {uuid.uuid4().hex}"}])
         prompt_tokens += completion.usage.prompt_tokens
-    assert len(_groups_that_served(affinity_app, before, prompt_tokens)) == 1
+    assert len(_groups_that_served(before, prompt_tokens)) == 1
 
 
-def test_routing_decisions_are_counted_in_rays_metrics(client, affinity_app):
+def test_routing_decisions_are_counted_in_rays_metrics(client):
     from tests.integration.test_ray_metrics import _ray_samples
 
     def counted(source: str) -> float:
         return sum(value for labels, value in _ray_samples("ray_llama_serve_routing_decisions_total")
-                   if labels.get("application") == "affinity" and labels.get("source") == source
-                   and labels.get("reason") in ("affinity", "load_guard", "overflow"))
+                   if labels.get("application") == APPLICATION and labels.get("source") == source
+                   and labels.get("reason") in ("affinity", "full", "load_guard", "overflow"))
 
     before_user, before_conversation = counted("user"), counted("conversation")
     for _ in range(3):

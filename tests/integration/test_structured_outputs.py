@@ -77,16 +77,21 @@ def streamed_choices(stream) -> tuple[dict[int, str], dict[int, str], dict[int, 
     return texts, reasons, calls
 
 
+def text_choices(client: openai.OpenAI, stream: bool, request: dict) -> tuple[dict[int, str], dict[int, str]]:
+    """Each choice's content and finish reason, streamed or from one body."""
+    if stream:
+        texts, reasons, _ = streamed_choices(client.chat.completions.create(**request, stream=True))
+        return texts, reasons
+    completion = client.chat.completions.create(**request)
+    return ({c.index: c.message.content for c in completion.choices},
+            {c.index: c.finish_reason for c in completion.choices})
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_json_schema_output_parses_and_validates(client, stream):
     request = {"model": MODEL, "messages": HELLO, "response_format": ITEM_FORMAT, "n": 4, "seed": 7,
                "max_tokens": 300}
-    if stream:
-        texts, reasons, _ = streamed_choices(client.chat.completions.create(**request, stream=True))
-    else:
-        completion = client.chat.completions.create(**request)
-        texts = {c.index: c.message.content for c in completion.choices}
-        reasons = {c.index: c.finish_reason for c in completion.choices}
+    texts, reasons = text_choices(client, stream, request)
     assert sorted(texts) == [0, 1, 2, 3] and set(reasons.values()) == {"stop"}
     for text in texts.values():
         jsonschema.validate(json.loads(text), ITEM)
@@ -97,12 +102,7 @@ def test_json_schema_output_parses_and_validates(client, stream):
 def test_json_object_output_is_an_object_whenever_it_completes(tp1, stream):
     request = {"model": MODEL, "messages": HELLO, "response_format": {"type": "json_object"}, "n": 4, "seed": 3,
                "max_tokens": 40}
-    if stream:
-        texts, reasons, _ = streamed_choices(tp1.chat.completions.create(**request, stream=True))
-    else:
-        completion = tp1.chat.completions.create(**request)
-        texts = {c.index: c.message.content for c in completion.choices}
-        reasons = {c.index: c.finish_reason for c in completion.choices}
+    texts, reasons = text_choices(tp1, stream, request)
     assert sorted(texts) == [0, 1, 2, 3]
     for index, text in texts.items():
         assert text.lstrip().startswith("{")

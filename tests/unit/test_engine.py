@@ -30,9 +30,9 @@ def reference(greedy_reference):
 
 
 def _engine(checkpoint, tp: int = 1, *, kv_cache_bytes: int = 64 * 2**20, max_model_len: int = 1024,
-            max_num_seqs: int = 32, max_num_batched_tokens: int = 256, decode_gather_tokens: int = 65536
-            ) -> Engine:
-    model = ModelConfig(source=str(checkpoint), served_model_id="tiny", dtype="float32",
+            max_num_seqs: int = 32, max_num_batched_tokens: int = 256, decode_gather_tokens: int = 65536,
+            dtype: str = "float32") -> Engine:
+    model = ModelConfig(source=str(checkpoint), served_model_id="tiny", dtype=dtype,
                         tensor_parallel_size=tp, max_model_len=max_model_len)
     engine = EngineConfig(device="cpu", kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, collective_timeout_s=60,
@@ -151,6 +151,23 @@ def test_tensor_parallel_two_ranks_match_generate(tiny_checkpoint, reference):
         results = _run(engine, prompts, stagger=2)
         for index, prompt in enumerate(prompts):
             assert results[f"r{index}"] == reference(prompt)
+    finally:
+        engine.shutdown()
+
+
+def test_a_half_precision_tp_group_keeps_the_rotary_frequencies_in_float32(tiny_checkpoint):
+    """DeepSpeed's init casts every buffer to the model's dtype; in bfloat16 the rotary frequencies would be
+    off by up to ~0.4%, a phase error that grows with the position until long sequences attend wrongly."""
+    engine = _engine(tiny_checkpoint, tp=2, dtype="bfloat16", kv_cache_bytes=16 * 2**20)
+    try:
+        rotary = engine.runner.model.model.rotary_emb
+        exact = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).model.rotary_emb
+        assert rotary.inv_freq.dtype == torch.float32
+        assert torch.equal(rotary.inv_freq, exact.inv_freq)
+        assert engine.runner.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        engine.add_request(_request("half", [1, 15043, 29991], SamplingParams(max_tokens=4, temperature=0)))
+        tokens = [t for _ in range(8) if engine.has_unfinished() for o in engine.step() for t in o.new_token_ids]
+        assert len(tokens) == 4
     finally:
         engine.shutdown()
 

@@ -9,9 +9,11 @@ attention output for every token, with the step's keys and values written into t
 `block * block_size + offset`. Which blocks belong to whom is the engine's bookkeeping
 (`engine/block_manager.py`); this module only reads and writes the slots it is given.
 
-Steps are ragged, never padded: prefill chunks are attended one sequence at a time (a causal mask offset
-by the cached context when the chunk reads cached context), and single-token decode rows together, in
-calls grouped by context length (`group_decode_rows`) over their blocks gathered from the cache.
+Steps are ragged, never padded: prefill chunks are attended one sequence at a time, causal (aligned to the
+end of the context when the chunk reads cached context), through SDPA's fused kernels: 4-D inputs and a
+causal flag or `causal_lower_right` bias, never a materialised mask, so a 4k-token chunk does not fall
+back to the math kernel's fp32 `[H, T, T]` scores. Single-token decode rows go together, in calls grouped
+by context length (`group_decode_rows`) over their blocks gathered from the cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,6 @@ class AttentionBatch:
     # Decode rows (one query token with earlier context) are attended in batched calls, a group per call.
     decode_rows: frozenset[int]
     decode_groups: list[DecodeGroup]
-    causal_masks: dict[int, torch.Tensor]  # prefill rows with cached context: their offset causal mask
 
     @classmethod
     def build(cls, query_starts: list[int], context_lens: list[int], block_tables: torch.Tensor,
@@ -109,14 +111,7 @@ class AttentionBatch:
                 tokens=torch.tensor([query_starts[b] for b in group], device=device),
                 blocks=block_tables[group, :width].flatten(),
                 valid=(torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]))
-        masks = {}
-        for b, context_len in enumerate(context_lens):
-            query_len = query_starts[b + 1] - query_starts[b]
-            if 1 < query_len:
-                key_pos = torch.arange(context_len, device=device)
-                query_pos = torch.arange(context_len - query_len, context_len, device=device)
-                masks[b] = key_pos[None, :] <= query_pos[:, None]
-        return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), groups, masks)
+        return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), groups)
 
 
 def group_decode_rows(rows: list[int], context_lens: list[int], block_size: int, max_tokens: int
@@ -155,13 +150,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         if b in batch.decode_rows:
             continue
         start, stop = batch.query_starts[b], batch.query_starts[b + 1]
-        if stop - start == context_len:  # the whole context is in this step: no cache read needed
-            keys, values = k[:, start:stop], v[:, start:stop]
+        query_len = stop - start
+        if query_len == context_len:  # the whole context is in this step: no cache read needed
+            keys, values = k[None, :, start:stop], v[None, :, start:stop]
+            causal = {"is_causal": query_len > 1}
         else:
             keys, values = kv_cache.read(layer, batch.block_tables[b], context_len)
-            keys, values = keys.transpose(0, 1), values.transpose(0, 1)
+            keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+            causal = {"attn_mask": causal_lower_right(query_len, context_len)}
         out[:, start:stop] = F.scaled_dot_product_attention(
-            q[:, start:stop], keys, values, attn_mask=batch.causal_masks.get(b), scale=scale, enable_gqa=gqa)
+            q[None, :, start:stop], keys, values, scale=scale, enable_gqa=gqa, **causal)[0]
     for group in batch.decode_groups:
         _batched_decode(q, out, kv_cache, layer, group, scale, gqa)
     return out

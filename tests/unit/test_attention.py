@@ -1,0 +1,48 @@
+"""Paged attention (`layers/attention.py`) against plain causal attention, and on SDPA's fused kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import profile
+
+from serve_app.layers.attention import AttentionBatch, KVCache, KVCacheShape, paged_attention
+
+BLOCK = 4
+HEAD_DIM = 16
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_len: int) -> torch.Tensor:
+    """Causal attention of the last `query_len` positions over the whole sequence, one head at a time."""
+    groups = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    context = k.shape[1]
+    scores = (q[:, -query_len:] @ k.transpose(1, 2)) * HEAD_DIM**-0.5
+    allowed = torch.arange(context)[None, :] <= torch.arange(context - query_len, context)[:, None]
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("cached", [0, 7], ids=["whole-prompt", "after-cached-prefix"])
+def test_a_prefill_chunk_attends_causally_on_the_fused_kernel(kv_heads, cached):
+    """A chunk of 9 new tokens, after `cached` tokens already in the cache: its output equals causal attention
+    over the whole sequence, and no call falls back to SDPA's math kernel (which upcasts to fp32 and
+    materialises the [heads, T, T] scores: gigabytes for a 4k-token chunk on a GPU)."""
+    torch.manual_seed(0)
+    total, new = cached + 9, 9
+    q = torch.randn(4, total, HEAD_DIM)
+    k, v = torch.randn(kv_heads, total, HEAD_DIM), torch.randn(kv_heads, total, HEAD_DIM)
+    blocks = -(-total // BLOCK)
+    cache = KVCache(KVCacheShape(1, blocks + 1, BLOCK, kv_heads, HEAD_DIM), torch.float32, torch.device("cpu"))
+    table = torch.arange(1, blocks + 1)  # block 0 left unused, so a wrong table reads zeros
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(total)])
+    if cached:
+        cache.write(0, slots[:cached], k[:, :cached].transpose(0, 1), v[:, :cached].transpose(0, 1))
+    batch = AttentionBatch.build([0, new], [total], table[None], slots[cached:], BLOCK, 1 << 20)
+    with profile() as prof:
+        out = paged_attention(q[:, cached:], k[:, cached:], v[:, cached:], cache, 0, batch, HEAD_DIM**-0.5)
+    kernels = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in kernels
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
+    torch.testing.assert_close(out, _reference(q, k, v, new), atol=1e-5, rtol=1e-5)

@@ -247,12 +247,7 @@ def prepare_step(chunks: list[ScheduledChunk], block_size: int) -> tuple[StepInp
         if chunk.samples:
             sample_rows.append(len(input_ids) - 1)
             sampling_seqs.append(seq)
-
-    def as_tensor(values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64)
-
-    step = StepInput(as_tensor(input_ids), as_tensor(positions), as_tensor(slots), as_tensor(query_starts),
-                     as_tensor(context_lens), as_tensor(tables), as_tensor(sample_rows))
+    step = StepInput(input_ids, positions, slots, query_starts, context_lens, tables, sample_rows)
     return step, sampling_seqs
 
 

@@ -32,6 +32,7 @@ import torch
 
 from serve_app.engine.sequence import ChoiceId, Sequence
 from serve_app.errors import GrammarUnavailableError, InvalidRequestError
+from serve_app.layers.transfer import upload
 
 if TYPE_CHECKING:
     import llguidance
@@ -162,7 +163,7 @@ class GrammarTable:
         on_device = bitmask.to(self.device, non_blocking=True)
         if len(rows) == len(seqs):
             return on_device, None
-        return on_device, torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return on_device, upload(rows, torch.int64, self.device)
 
     def accept(self, seqs: list[Sequence], token_ids: list[int]
                ) -> tuple[frozenset[ChoiceId], frozenset[ChoiceId]]:

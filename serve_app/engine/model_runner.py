@@ -1,11 +1,13 @@
 """Runs one engine step on every rank of a tensor-parallel group, in lock step.
 
 Rank 0 packs the step — token ids, positions, cache slots, block tables, which rows sample — into one int64
-tensor and broadcasts it (a header of five numbers, then the payload). Every rank, rank 0 included, runs the
-same forward on that input; the all-reduces inside the sharded layers keep them in step. Nothing else
-crosses between ranks: no activations, no logits. Followers (ranks > 0) loop in `follow()` until rank 0
-broadcasts a shutdown. An idle rank 0 broadcasts heartbeats so a dead rank surfaces as a collective timeout
-instead of a silent hang.
+host tensor and broadcasts it over the group's host channel (`parallel/group.step_channel`: gloo, so it
+never touches a device on the way). Every rank, rank 0 included, copies it to its device in one
+non-blocking copy and runs the same forward on it; the all-reduces inside the sharded layers keep them in
+step. Nothing else crosses between ranks: no activations, no logits. So a step costs a follower no
+device→host copy at all, and rank 0 one (its sampled token ids, `engine/sampler.py`). Followers (ranks > 0)
+loop in `follow()` until rank 0 broadcasts a shutdown. An idle rank 0 broadcasts heartbeats so a dead rank
+surfaces as a collective timeout instead of a silent hang.
 
 Before the first request, every rank runs the largest steps the scheduler can make (`largest_steps`): a
 step that would run out of device memory fails the group at start, with the settings to lower, instead of
@@ -26,8 +28,10 @@ import torch.distributed as dist
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.block_manager import blocks_needed
 from serve_app.layers.attention import AttentionBatch, KVCache, KVCacheShape, num_blocks_for_budget
+from serve_app.layers.transfer import to_device
 from serve_app.models import llama
 from serve_app.models.checkpoint import TORCH_DTYPES
+from serve_app.parallel.group import step_channel
 
 logger = logging.getLogger(__name__)
 
@@ -49,29 +53,51 @@ _SAMPLER_HEADROOM = 256 * 2**20
 
 @dataclass
 class StepInput:
-    """One step's input, identical on every rank. All tensors are int64 on the runner's device."""
+    """One step's input as rank 0's scheduler made it, in host lists; every rank runs exactly this."""
 
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    slots: torch.Tensor  # [T]
-    query_starts: torch.Tensor  # [B + 1]
-    context_lens: torch.Tensor  # [B]
-    block_tables: torch.Tensor  # [B, W]
-    sample_rows: torch.Tensor  # [S]
+    input_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    slots: list[int]  # [T]
+    query_starts: list[int]  # [B + 1]
+    context_lens: list[int]  # [B]
+    block_tables: list[list[int]]  # [B][W], padded with 0
+    sample_rows: list[int]  # [S]
 
-    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
-        header = torch.tensor([StepKind.RUN, self.input_ids.numel(), self.context_lens.numel(),
-                               self.sample_rows.numel(), self.block_tables.shape[1]], dtype=torch.int64)
-        payload = torch.cat([self.input_ids, self.positions, self.slots, self.query_starts, self.context_lens,
-                             self.block_tables.flatten(), self.sample_rows])
-        return header, payload
+    def packed(self) -> RankStep:
+        width = len(self.block_tables[0])
+        sizes = StepSizes(len(self.input_ids), len(self.context_lens), len(self.sample_rows), width)
+        flat = [*self.input_ids, *self.positions, *self.slots, *self.query_starts, *self.context_lens,
+                *(block for table in self.block_tables for block in table), *self.sample_rows]
+        return RankStep(sizes, torch.tensor(flat, dtype=torch.int64), self.query_starts, self.context_lens)
 
-    @classmethod
-    def unpack(cls, header: torch.Tensor, payload: torch.Tensor) -> StepInput:
-        _, tokens, seqs, samples, width = (int(x) for x in header.tolist())
-        sizes = [tokens, tokens, tokens, seqs + 1, seqs, seqs * width, samples]
-        ids, positions, slots, starts, lens, tables, rows = torch.split(payload, sizes)
-        return cls(ids, positions, slots, starts, lens, tables.view(seqs, width), rows)
+
+@dataclass(frozen=True)
+class StepSizes:
+    tokens: int
+    seqs: int
+    samples: int
+    width: int  # block-table width
+
+    @property
+    def payload(self) -> int:
+        return 3 * self.tokens + 2 * self.seqs + 1 + self.seqs * self.width + self.samples
+
+    def split(self, payload: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """ids, positions, slots, query_starts, context_lens, block_tables [B, W], sample_rows."""
+        ids, positions, slots, starts, lens, tables, rows = torch.split(payload, [
+            self.tokens, self.tokens, self.tokens, self.seqs + 1, self.seqs, self.seqs * self.width, self.samples])
+        return ids, positions, slots, starts, lens, tables.view(self.seqs, self.width), rows
+
+
+@dataclass
+class RankStep:
+    """A step as each rank runs it: its packed payload (host int64, the layout of `StepSizes.split`) and the
+    two lists the attention's Python control flow needs, on the host."""
+
+    sizes: StepSizes
+    payload: torch.Tensor
+    query_starts: list[int]
+    context_lens: list[int]
 
 
 class ModelRunner:
@@ -79,7 +105,7 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine: EngineConfig, rank: int,
                  world_size: int):
-        self.model = model
+        self.model = llama.fuse_projections(model)  # this rank's shard, in the layout `llama.forward` runs
         self.rank = rank
         self.world_size = world_size
         self.device = next(model.parameters()).device
@@ -95,7 +121,7 @@ class ModelRunner:
         if engine.kv_cache_bytes is not None:
             budget = engine.kv_cache_bytes
         else:
-            probe = KVCacheShape(num_layers, warm_up[0].block_tables.shape[1], engine.block_size, kv_heads,
+            probe = KVCacheShape(num_layers, len(warm_up[0].block_tables[0]), engine.block_size, kv_heads,
                                  head_dim)
             budget = self._gpu_kv_budget(engine, warm_up, probe, dtype)
         num_blocks = num_blocks_for_budget(budget, num_layers=num_layers, block_size=engine.block_size,
@@ -151,7 +177,7 @@ class ModelRunner:
         """Run `step` on this rank (every rank runs it, in lock step); its duration in seconds."""
         started = time.perf_counter()
         try:
-            self._run(step, kv_cache)
+            self._run(step.packed(), kv_cache)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except Exception as error:
@@ -176,14 +202,14 @@ class ModelRunner:
 
     def execute(self, step: StepInput) -> torch.Tensor:
         """Broadcast the step, run it here too, return logits `[S, vocab]` (meaningful on rank 0)."""
+        rank_step = step.packed()
         if self.world_size > 1:
-            header, payload = step.pack()
-            payload = payload.to(self._comm_device)
-            dist.broadcast(header.to(self._comm_device), src=0)
-            dist.broadcast(payload, src=0)
-            # Run from the copy already on the device, as the followers do, instead of copying again.
-            step = StepInput.unpack(header, payload.to(self.device))
-        return self._run(step)
+            sizes = rank_step.sizes
+            header = torch.tensor([StepKind.RUN, sizes.tokens, sizes.seqs, sizes.samples, sizes.width],
+                                  dtype=torch.int64)
+            dist.broadcast(header, src=0, group=step_channel())
+            dist.broadcast(rank_step.payload, src=0, group=step_channel())
+        return self._run(rank_step)
 
     def heartbeat(self) -> None:
         self._broadcast_control(StepKind.HEARTBEAT)
@@ -193,39 +219,48 @@ class ModelRunner:
 
     def _broadcast_control(self, kind: StepKind) -> None:
         if self.world_size > 1:
-            header = torch.tensor([kind, 0, 0, 0, 0], dtype=torch.int64, device=self._comm_device)
-            dist.broadcast(header, src=0)
+            dist.broadcast(torch.tensor([kind, 0, 0, 0, 0], dtype=torch.int64), src=0, group=step_channel())
 
     # -- ranks > 0 --------------------------------------------------------------------------------------------
 
     def follow(self) -> None:
-        header = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self._comm_device)
+        header = torch.empty(HEADER_SIZE, dtype=torch.int64)
         while True:
-            dist.broadcast(header, src=0)
-            kind = StepKind(int(header[0]))
-            if kind is StepKind.SHUTDOWN:
+            step = self._receive(header)
+            if step is StepKind.SHUTDOWN:
                 return
-            if kind is StepKind.HEARTBEAT:
-                continue
-            _, tokens, seqs, samples, width = (int(x) for x in header.tolist())
-            payload = torch.empty(3 * tokens + 2 * seqs + 1 + seqs * width + samples, dtype=torch.int64,
-                                  device=self._comm_device)
-            dist.broadcast(payload, src=0)
-            self._run(StepInput.unpack(header.cpu(), payload.to(self.device)))
+            if step is not StepKind.HEARTBEAT:
+                self._run(step)
+
+    @staticmethod
+    def _receive(header: torch.Tensor) -> RankStep | StepKind:
+        """Rank 0's next broadcast, in host memory: a step, or a control message. Reading it costs no device
+        sync (the step channel is gloo)."""
+        group = step_channel()
+        dist.broadcast(header, src=0, group=group)
+        kind, tokens, seqs, samples, width = header.tolist()
+        if kind != StepKind.RUN:
+            return StepKind(kind)
+        sizes = StepSizes(tokens, seqs, samples, width)
+        payload = torch.empty(sizes.payload, dtype=torch.int64)
+        dist.broadcast(payload, src=0, group=group)
+        starts = 3 * tokens
+        host_lists = payload[starts:starts + 2 * seqs + 1].tolist()
+        return RankStep(sizes, payload, host_lists[:seqs + 1], host_lists[seqs + 1:])
 
     # -- every rank -------------------------------------------------------------------------------------------
 
-    def _run(self, step: StepInput, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def _run(self, step: RankStep, kv_cache: KVCache | None = None) -> torch.Tensor:
         if self._small_step_tokens is not None:
-            threads = 1 if step.input_ids.numel() < self._small_step_tokens else self._threads
+            threads = 1 if step.sizes.tokens < self._small_step_tokens else self._threads
             if threads != torch.get_num_threads():  # switching costs ~0.1 ms: only when the size class changes
                 torch.set_num_threads(threads)
-        batch = AttentionBatch.build(step.query_starts.tolist(), step.context_lens.tolist(),
-                                           step.block_tables.to(self.device), step.slots.to(self.device),
-                                           self.block_size, self._decode_gather_tokens)
-        return llama.forward(self.model, self.kv_cache if kv_cache is None else kv_cache,
-                             step.input_ids.to(self.device), step.positions.to(self.device), batch,
-                             step.sample_rows.to(self.device))
+        # The step's one host-to-device copy, queued without waiting for the device.
+        ids, positions, slots, _, _, tables, rows = step.sizes.split(to_device(step.payload, self.device))
+        batch = AttentionBatch.build(step.query_starts, step.context_lens, tables, slots, self.block_size,
+                                     self._decode_gather_tokens)
+        return llama.forward(self.model, self.kv_cache if kv_cache is None else kv_cache, ids, positions, batch,
+                             rows)
 
 
 def largest_steps(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
@@ -265,26 +300,22 @@ def _step_of(query_lens: list[int], context_len: int, block_size: int) -> StepIn
         positions += range(context_len - query_len, context_len)
         starts.append(starts[-1] + query_len)
     width = blocks_needed(context_len, block_size)
-
-    def as_tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64)
-
     return StepInput(
-        input_ids=torch.zeros(len(positions), dtype=torch.int64),
-        positions=as_tensor(positions),
-        slots=as_tensor(positions),
-        query_starts=as_tensor(starts),
-        context_lens=as_tensor([context_len] * len(query_lens)),
-        block_tables=torch.arange(width, dtype=torch.int64).repeat(len(query_lens), 1),
-        sample_rows=as_tensor([start - 1 for start in starts[1:]]),
+        input_ids=[0] * len(positions),
+        positions=positions,
+        slots=list(positions),
+        query_starts=starts,
+        context_lens=[context_len] * len(query_lens),
+        block_tables=[list(range(width)) for _ in query_lens],
+        sample_rows=[start - 1 for start in starts[1:]],
     )
 
 
 def describe_step(step: StepInput) -> str:
-    query_lens = (step.query_starts[1:] - step.query_starts[:-1]).tolist()
+    query_lens = [stop - start for start, stop in zip(step.query_starts, step.query_starts[1:])]
     decode_rows = sum(1 for query_len in query_lens if query_len == 1)
     chunks = [query_len for query_len in query_lens if query_len > 1]
     prefill = f"{len(chunks)} prefill chunk{'s' if len(chunks) != 1 else ''}" + (
         f" of up to {max(chunks)} tokens" if chunks else "")
-    return (f"{step.input_ids.numel()} tokens: {decode_rows} decode row{'s' if decode_rows != 1 else ''} and {prefill}, all at "
-            f"{int(step.context_lens.max())} tokens of context")
+    return (f"{len(step.input_ids)} tokens: {decode_rows} decode row{'s' if decode_rows != 1 else ''} and {prefill}, all at "
+            f"{max(step.context_lens)} tokens of context")

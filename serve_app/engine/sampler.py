@@ -40,6 +40,7 @@ import torch
 from serve_app.engine.grammar import GrammarTable
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import ChoiceId, SampleLogprobs, Sequence
+from serve_app.layers.transfer import upload
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,7 @@ class SamplingBatch:
         assert len(generators) == batch_size
 
         def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return upload(values, dtype, device)
 
         sampled = [not p.greedy for p in params]
         # Sampling knobs only matter on sampled rows; greedy rows get the neutral value.
@@ -244,24 +245,24 @@ class PenaltyTable:
             if slot is None:
                 slot = self._slots[seq.choice] = self._free.pop()
                 device = self.seen.device
-                seen = torch.tensor(seq.prompt_token_ids + seq.output_token_ids, dtype=torch.int64, device=device)
+                seen = upload(seq.prompt_token_ids + seq.output_token_ids, torch.int64, device)
                 self.seen[slot, seen] = True
                 if seq.output_token_ids:
-                    output = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=device)
+                    output = upload(seq.output_token_ids, torch.int64, device)
                     self.output_counts[slot] = torch.bincount(output, minlength=self.vocab_size).float()
             slots.append(slot)
-        return torch.tensor(slots, dtype=torch.int64, device=self.seen.device)
+        return upload(slots, torch.int64, self.seen.device)
 
     def stats(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.seen[slots], self.output_counts[slots]
 
     def record(self, slots: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Add this step's sampled tokens; rows in slot 0 are left out so it stays all zeros."""
-        used = slots > 0
-        slots, token_ids = slots[used], token_ids[used]
+        # Every row writes, slot 0's rows included, and slot 0 is cleared after: selecting the rows that use
+        # a penalty with a mask would need their count on the host, a device sync.
         self.seen[slots, token_ids] = True
-        self.output_counts.index_put_((slots, token_ids), torch.ones_like(token_ids, dtype=torch.float32),
-                                      accumulate=True)
+        self.seen[0] = False
+        self.output_counts.index_put_((slots, token_ids), (slots > 0).float(), accumulate=True)
 
     def release(self, choice: ChoiceId) -> None:
         slot = self._slots.pop(choice, None)
@@ -304,7 +305,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     device = logits.device
     bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
     addends = torch.zeros(bits.shape, device=device).masked_fill_(bits == 0, float("-inf"))  # [256, 8]
-    byte_shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int32, device=device)
+    byte_shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=device)
     byte_values = (bitmask.unsqueeze(-1) >> byte_shifts) & 255
     penalty = addends.index_select(0, byte_values.flatten().long()).view(bitmask.shape[0], -1)
     penalty = penalty[:, :logits.shape[-1]]

@@ -1,6 +1,6 @@
 """Attention over a paged KV cache: the cache's storage, one step's attention metadata, and the attention.
 
-In: a layer's queries, keys and values for the step's flat token list (`[heads, T, head_dim]`), and the
+In: a layer's queries, keys and values for the step's flat token list (`[T, heads, head_dim]`), and the
 step's `AttentionBatch` (where each sequence's tokens sit, its context length, its block table). Out: the
 attention output for every token, with the step's keys and values written into the cache first.
 
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from serve_app.layers.transfer import upload
 
 
 @dataclass(frozen=True)
@@ -100,16 +102,28 @@ class AttentionBatch:
     @classmethod
     def build(cls, query_starts: list[int], context_lens: list[int], block_tables: torch.Tensor,
               slots: torch.Tensor, block_size: int, decode_gather_tokens: int) -> AttentionBatch:
+        """From the step's host lists and its device tensors; the decode groups' indices reach the device in
+        one non-blocking copy, so building the batch never waits for the device."""
         device = block_tables.device
         rows = [b for b in range(len(context_lens))
                 if query_starts[b + 1] - query_starts[b] == 1 and context_lens[b] > 1]
+        grouped = group_decode_rows(rows, context_lens, block_size, decode_gather_tokens)
+        indices: list[int] = []
+        for group in grouped:
+            indices += group
+            indices += [query_starts[b] for b in group]
+            indices += [context_lens[b] for b in group]
+        on_device = upload(indices, torch.int64, device) if grouped else None
         groups = []
-        for group in group_decode_rows(rows, context_lens, block_size, decode_gather_tokens):
+        offset = 0
+        for group in grouped:
+            size = len(group)
+            members, tokens, lens = on_device[offset:offset + 3 * size].view(3, size)
+            offset += 3 * size
             width = -(-context_lens[group[-1]] // block_size)  # the group's longest row is its last
-            lens = torch.tensor([context_lens[b] for b in group], device=device)
             groups.append(DecodeGroup(
-                tokens=torch.tensor([query_starts[b] for b in group], device=device),
-                blocks=block_tables[group, :width].flatten(),
+                tokens=tokens,
+                blocks=block_tables.index_select(0, members)[:, :width].flatten(),
                 valid=(torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]))
         return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), groups)
 
@@ -140,26 +154,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     batch: AttentionBatch, scale: float) -> torch.Tensor:
     """Write the step's keys and values into the cache, then attend every query token over its context.
 
-    `q` is `[q_heads, T, D]`, `k` and `v` `[kv_heads, T, D]` (grouped-query attention when the head counts
-    differ); the result is `[q_heads, T, D]`.
+    `q` is `[T, q_heads, D]`, `k` and `v` `[T, kv_heads, D]` (grouped-query attention when the head counts
+    differ): the cache's own layout, so writing needs no transpose. The result is `[T, q_heads, D]`,
+    contiguous.
     """
-    kv_cache.write(layer, batch.slots, k.transpose(0, 1), v.transpose(0, 1))
-    out = torch.empty_like(q)
-    gqa = q.shape[0] != k.shape[0]
+    kv_cache.write(layer, batch.slots, k, v)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    gqa = q.shape[1] != k.shape[1]
     for b, context_len in enumerate(batch.context_lens):
         if b in batch.decode_rows:
             continue
         start, stop = batch.query_starts[b], batch.query_starts[b + 1]
         query_len = stop - start
         if query_len == context_len:  # the whole context is in this step: no cache read needed
-            keys, values = k[None, :, start:stop], v[None, :, start:stop]
+            keys, values = k[start:stop], v[start:stop]
             causal = {"is_causal": query_len > 1}
         else:
             keys, values = kv_cache.read(layer, batch.block_tables[b], context_len)
-            keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
             causal = {"attn_mask": causal_lower_right(query_len, context_len)}
-        out[:, start:stop] = F.scaled_dot_product_attention(
-            q[None, :, start:stop], keys, values, scale=scale, enable_gqa=gqa, **causal)[0]
+        out[start:stop] = F.scaled_dot_product_attention(
+            q[start:stop].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            scale=scale, enable_gqa=gqa, **causal)[0].transpose(0, 1)
     for group in batch.decode_groups:
         _batched_decode(q, out, kv_cache, layer, group, scale, gqa)
     return out
@@ -172,7 +187,7 @@ def _batched_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: KVCache, layer
     # index_select on the flat block list copies whole blocks; advanced indexing is ~3x slower on CPU.
     keys = kv_cache.keys[layer].index_select(0, group.blocks).view(shape).transpose(1, 2)
     values = kv_cache.values[layer].index_select(0, group.blocks).view(shape).transpose(1, 2)
-    queries = q[:, group.tokens].transpose(0, 1).unsqueeze(2)  # [R, Hq, 1, D]
+    queries = q.index_select(0, group.tokens).unsqueeze(2)  # [R, Hq, 1, D]
     result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.valid, scale=scale,
                                             enable_gqa=gqa)
-    out[:, group.tokens] = result.squeeze(2).transpose(0, 1)
+    out.index_copy_(0, group.tokens, result.squeeze(2))

@@ -6,7 +6,8 @@ bundles, or, without Ray, local processes — each running a given worker functi
 tells whether every follower still runs (`failure`), and stops them (`stop`). Rank 0 itself joins with
 `join_process_group` wherever its engine runs: the owner's process, or a child process of the owner's.
 
-Every rank joins one process group (`gloo` on CPU, `nccl` on GPU) with a collective timeout. The only
+Every rank joins one process group (`gloo` on CPU, `nccl` on GPU) with a collective timeout, and on GPU a
+second, `gloo` one for the step descriptions rank 0 sends (`step_channel`). The only
 module that creates the placement-group actors and the process group; it knows nothing of the engine.
 """
 
@@ -37,6 +38,8 @@ class GroupAddress:
     master_port: int
     world_size: int
 
+
+_step_channel: dist.ProcessGroup | None = None
 
 # A follower rank's whole life: `worker(address, rank, device_index, model, engine)` joins (on GPU
 # `device_index` of those its process sees), loads its shard and follows rank 0 until told to stop.
@@ -79,17 +82,30 @@ def join_process_group(address: GroupAddress, rank: int, engine: EngineConfig, *
                       WORLD_SIZE=str(address.world_size), LOCAL_RANK=str(device_index))
     if address.world_size == 1:
         return
+    timeout = datetime.timedelta(seconds=engine.collective_timeout_s)
     dist.init_process_group(
         backend="gloo" if engine.device == "cpu" else "nccl",
         init_method=f"tcp://{address.master_addr}:{address.master_port}",
-        rank=rank, world_size=address.world_size,
-        timeout=datetime.timedelta(seconds=engine.collective_timeout_s))
+        rank=rank, world_size=address.world_size, timeout=timeout)
+    global _step_channel
+    # Each step's description is host data that every rank needs on the host (its Python control flow) and
+    # on its device. Over NCCL it would go to rank 0's device, then to each follower's device and back to
+    # its host: a device sync per step on every follower. Over gloo it stays in host memory.
+    _step_channel = dist.new_group(backend="gloo", timeout=timeout) if engine.device == "cuda" else None
+
+
+def step_channel() -> dist.ProcessGroup | None:
+    """The host-memory group that rank 0's step descriptions travel on (None: the default group, gloo on
+    CPU)."""
+    return _step_channel
 
 
 def leave_process_group() -> None:
+    global _step_channel
     if dist.is_initialized():
         detach_deepspeed()
         dist.destroy_process_group()
+    _step_channel = None
 
 
 class TensorParallelGroup:

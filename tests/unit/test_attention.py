@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.profiler import profile
 
 from serve_app.layers.attention import AttentionBatch, KVCache, KVCacheShape, paged_attention
@@ -41,8 +40,40 @@ def test_a_prefill_chunk_attends_causally_on_the_fused_kernel(kv_heads, cached):
         cache.write(0, slots[:cached], k[:, :cached].transpose(0, 1), v[:, :cached].transpose(0, 1))
     batch = AttentionBatch.build([0, new], [total], table[None], slots[cached:], BLOCK, 1 << 20)
     with profile() as prof:
-        out = paged_attention(q[:, cached:], k[:, cached:], v[:, cached:], cache, 0, batch, HEAD_DIM**-0.5)
+        out = paged_attention(*(x[:, cached:].transpose(0, 1) for x in (q, k, v)), cache, 0, batch,
+                              HEAD_DIM**-0.5)
     kernels = {event.key for event in prof.key_averages()}
     assert "aten::_scaled_dot_product_attention_math" not in kernels
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
-    torch.testing.assert_close(out, _reference(q, k, v, new), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.transpose(0, 1), _reference(q, k, v, new), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_decode_rows_of_different_lengths_each_attend_over_their_own_context(kv_heads):
+    """Three single-token rows with 3, 9 and 17 tokens of context, cut into two gather calls: each row's
+    output equals attention over exactly its own context, read through its own block table."""
+    torch.manual_seed(1)
+    lengths = [3, 9, 17]
+    cache = KVCache(KVCacheShape(1, 16, BLOCK, kv_heads, HEAD_DIM), torch.float32, torch.device("cpu"))
+    tables, slots, expected, queries, keys, values = [], [], [], [], [], []
+    next_block = 1
+    for length in lengths:
+        blocks = -(-length // BLOCK)
+        table = list(range(next_block, next_block + blocks))
+        next_block += blocks
+        q = torch.randn(4, length, HEAD_DIM)
+        k, v = torch.randn(kv_heads, length, HEAD_DIM), torch.randn(kv_heads, length, HEAD_DIM)
+        row_slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
+        cache.write(0, row_slots[:-1], k[:, :-1].transpose(0, 1), v[:, :-1].transpose(0, 1))
+        tables.append(table + [0] * (5 - blocks))
+        slots.append(row_slots[-1])
+        queries.append(q[:, -1:])
+        keys.append(k[:, -1:])
+        values.append(v[:, -1:])
+        expected.append(_reference(q, k, v, 1))
+    batch = AttentionBatch.build([0, 1, 2, 3], lengths, torch.tensor(tables), torch.stack(slots), BLOCK,
+                                 decode_gather_tokens=2 * 12)
+    assert len(batch.decode_groups) == 2
+    out = paged_attention(*(torch.cat(x, dim=1).transpose(0, 1) for x in (queries, keys, values)), cache, 0, batch,
+                          HEAD_DIM**-0.5)
+    torch.testing.assert_close(out.transpose(0, 1), torch.cat(expected, dim=1), atol=1e-5, rtol=1e-5)

@@ -164,7 +164,7 @@ def test_a_half_precision_tp_group_keeps_the_rotary_frequencies_in_float32(tiny_
         exact = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).model.rotary_emb
         assert rotary.inv_freq.dtype == torch.float32
         assert torch.equal(rotary.inv_freq, exact.inv_freq)
-        assert engine.runner.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert engine.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
         engine.add_request(_request("half", [1, 15043, 29991], SamplingParams(max_tokens=4, temperature=0)))
         tokens = [t for _ in range(8) if engine.has_unfinished() for o in engine.step() for t in o.new_token_ids]
         assert len(tokens) == 4

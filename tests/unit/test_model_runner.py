@@ -24,8 +24,8 @@ from serve_app.models import llama
 
 def _shape(step: StepInput) -> dict[str, int]:
     """What a step's memory grows with: its tokens, rows, decode rows and their gather, its chunks."""
-    query_lens = (step.query_starts[1:] - step.query_starts[:-1]).tolist()
-    contexts = step.context_lens.tolist()
+    query_lens = [stop - start for start, stop in zip(step.query_starts, step.query_starts[1:])]
+    contexts = step.context_lens
     decode = [context for query_len, context in zip(query_lens, contexts, strict=True)
               if query_len == 1 and context > 1]
     chunks = [query_len for query_len, context in zip(query_lens, contexts, strict=True)
@@ -54,8 +54,8 @@ def test_the_warm_up_steps_reach_every_limit(budget, max_num_seqs, max_model_len
                       "decode_gather": rows * max_model_len, "cache_read_chunk": min(budget, max_model_len - 1)
                       if min(budget, max_model_len - 1) > 1 else 0, "context": max_model_len}
     for step in steps:  # valid input: each row samples its last token, slots inside the shared blocks
-        assert step.sample_rows.tolist() == [start - 1 for start in step.query_starts[1:].tolist()]
-        assert step.slots.max() < step.block_tables.shape[1] * 16 and step.positions.max() == max_model_len - 1
+        assert step.sample_rows == [start - 1 for start in step.query_starts[1:]]
+        assert max(step.slots) < len(step.block_tables[0]) * 16 and max(step.positions) == max_model_len - 1
 
 
 def test_no_step_the_scheduler_makes_is_larger_than_the_warm_up(tiny_checkpoint, monkeypatch):
@@ -167,7 +167,7 @@ def test_on_a_gpu_the_kv_budget_leaves_room_for_the_measured_peak(tiny_checkpoin
     runner.device = torch.device("cpu")  # the probe's tensors; the memory figures are the fakes above
     gpu = EngineConfig(device="cuda", gpu_memory_utilization=0.9, max_num_seqs=8, max_num_batched_tokens=256)
     steps = largest_steps(256, 8, 1024, 16)
-    shape = model_runner.KVCacheShape(2, steps[0].block_tables.shape[1], 16, 1, 8)
+    shape = model_runner.KVCacheShape(2, len(steps[0].block_tables[0]), 16, 1, 8)
 
     budget = runner._gpu_kv_budget(gpu, steps, shape, torch.float32)
     assert device["ran"] == [1024 // 16] * len(steps)  # every step, on a probe of one context's blocks
@@ -192,7 +192,7 @@ def test_on_cpu_small_steps_run_on_one_thread_and_larger_ones_on_all(tiny_checkp
         runner = ModelRunner(load_rank_model(model, engine, 1), model, engine, rank=0, world_size=1)
         monkeypatch.setattr(llama, "forward", recording_forward)
         for query_lens in ([1], [1] * 8, [1], [40]):  # a lone decode, a batch of 8, a lone decode, a prefill
-            runner._run(model_runner._step_of(query_lens, 64, engine.block_size))
+            runner._run(model_runner._step_of(query_lens, 64, engine.block_size).packed())
     finally:
         torch.set_num_threads(given)
     assert threads_seen == [1, 2, 1, 2]

@@ -1,0 +1,120 @@
+"""Kernels a decode step dispatches, per layer and in all, and what the step costs on this machine.
+
+On a GPU a small decode batch is bound by the host launching kernels (~5-8 us each), not by the device, until
+CUDA graphs replay them; fewer ops per layer is what makes either path faster. Counted here with a
+TorchDispatchMode on CPU — the same ops a GPU would launch — on the tiny default checkpoint (or --checkpoint):
+ops per decoder layer (a forward with every layer less a forward with one, over the difference), ops outside
+the layers, the sampler's, and the median wall time of a whole engine step at each batch size.
+
+    python scripts/bench_decode_ops.py
+    python scripts/bench_decode_ops.py --batch 1 32 --out ops.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from serve_app.config import TINY_MODEL_SOURCE, EngineConfig, ModelConfig
+from serve_app.engine.engine import Engine, start_engine
+from serve_app.engine.sampling_params import SamplingParams
+from serve_app.engine.sequence import ChoiceId, EngineRequest
+from serve_app.models import llama
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _decoding_engine(checkpoint: str, batch: int) -> Engine:
+    model = ModelConfig(source=checkpoint, served_model_id="bench", dtype="float32", max_model_len=1024)
+    engine = start_engine(model, EngineConfig(device="cpu", max_num_seqs=max(batch, 1),
+                                              max_num_batched_tokens=max(512, batch),
+                                              kv_cache_bytes=64 * 2**20))
+    params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
+    for index in range(batch):
+        prompt = [1] + [(index * 131 + i * 7) % 31000 + 3 for i in range(100)]
+        engine.add_request(EngineRequest(ChoiceId(f"r{index}", 0), prompt, params))
+    while len(engine.step()) < batch:  # prefills, until a step samples every sequence
+        pass
+    engine.step()  # from here on, every step is decode only
+    return engine
+
+
+def _count_forward(engine: Engine, num_layers: int) -> Counter[str]:
+    """Ops of one decode forward with the model cut to its first `num_layers` layers."""
+    decoder = engine.runner.model.model
+    layers = decoder.layers
+    decoder.layers = layers[:num_layers]
+    calls = []
+    forward = llama.forward
+    try:
+        def counted(*args):
+            with OpCounter() as counter:
+                out = forward(*args)
+            calls.append(counter.ops)
+            return out
+        llama.forward = counted
+        engine.step()
+    finally:
+        llama.forward = forward
+        decoder.layers = layers
+    return calls[0]
+
+
+def measure(checkpoint: str, batch: int, steps: int) -> dict:
+    engine = _decoding_engine(checkpoint, batch)
+    try:
+        num_layers = len(engine.runner.model.model.layers)
+        full, one = _count_forward(engine, num_layers), _count_forward(engine, 1)
+        per_layer = (sum(full.values()) - sum(one.values())) / (num_layers - 1)
+        with OpCounter() as counter:
+            engine.step()
+        durations = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            engine.step()
+            durations.append(time.perf_counter() - started)
+        layer_ops = full - one
+        return {
+            "batch": batch,
+            "ops_per_decode_layer": per_layer,
+            "ops_outside_layers": sum(one.values()) - per_layer,
+            "ops_per_step": sum(counter.ops.values()),
+            "ops_per_step_outside_forward": sum(counter.ops.values()) - sum(full.values()),
+            "step_ms_median": statistics.median(durations) * 1e3,
+            "layer_ops": {name: count / (num_layers - 1) for name, count in layer_ops.most_common()},
+        }
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=TINY_MODEL_SOURCE)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--steps", type=int, default=50, help="timed decode steps per batch size")
+    parser.add_argument("--out", help="also write the figures here as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    figures = {"torch": torch.__version__, "results": [measure(args.checkpoint, b, args.steps) for b in args.batch]}
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -41,6 +41,18 @@ class EngineConfig(StrictModel):
         "longest row's length): decode rows go in calls by context length under this bound, so short rows are "
         "not padded to a long one's length, and the call's transient memory (for Llama-2-7B at fp16, 16 KiB "
         "per token per layer over all ranks) stays bounded. A row longer than this gets a call of its own.")
+    decode_attention: Literal["auto", "gather", "paged"] = Field(
+        "auto", description="How decode rows attend. `gather`: rows in calls by length, each call gathering "
+        "its rows' blocks into one tensor (the CPU's path). `paged`: every decode row in one call that reads "
+        "the block tables in place, a Triton kernel on CUDA (a full-width masked gather elsewhere); its "
+        "shapes do not depend on the rows' lengths, which CUDA graphs need. `auto`: paged on CUDA, gather on "
+        "CPU. The choice is logged at start.")
+    cuda_graphs: bool = Field(
+        True, description="On CUDA with paged decode attention: replay decode-only steps of up to "
+        "`cuda_graph_max_batch` rows from CUDA graphs captured at start, one per batch-size bucket, instead of "
+        "launching every kernel from Python. Prefill, mixed and larger steps run eagerly.")
+    cuda_graph_max_batch: int = Field(
+        64, ge=1, description="The largest decode batch replayed from a CUDA graph (at most max_num_seqs).")
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="KV-cache budget per rank in bytes; required on CPU.")
     gpu_memory_utilization: float = Field(

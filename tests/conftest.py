@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -16,6 +17,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # before Ray is imported, because Serve reads them at import.
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+# Without a GPU, Triton kernels (the CUDA decode attention) run in Triton's interpreter, on the CPU. Triton
+# reads this when it is first imported, so it is set before anything can import it.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def free_port() -> int:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.block_manager import blocks_needed
+from serve_app.engine.cuda_graphs import DecodeGraphs
 from serve_app.layers.attention import AttentionBatch, KVCache, KVCacheShape, num_blocks_for_budget
 from serve_app.layers.transfer import to_device
 from serve_app.models import llama
@@ -114,6 +115,8 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self._threads = torch.get_num_threads()  # what the rank was given (`cpu_threads_per_rank`)
         self._small_step_tokens = engine.cpu_small_step_tokens if self.device.type == "cpu" else None
+        self._paged_decode = _paged_decode_attention(engine.decode_attention, self.device)
+        use_graphs = self._paged_decode and engine.cuda_graphs
         num_layers, kv_heads, head_dim = llama.layout(model)
         dtype = TORCH_DTYPES[model_config.dtype]
         warm_up = largest_steps(engine.max_num_batched_tokens, engine.max_num_seqs, model_config.max_model_len,
@@ -131,8 +134,10 @@ class ModelRunner:
             raise ValueError(
                 f"the KV cache holds {num_blocks * engine.block_size} tokens, fewer than one sequence of "
                 f"max_model_len={model_config.max_model_len}: raise the KV budget or lower max_model_len")
-        self.kv_cache = KVCache(KVCacheShape(num_layers, num_blocks, engine.block_size, kv_heads, head_dim),
-                                dtype, self.device)
+        self._usable_blocks = num_blocks
+        # With graphs, one more block past those the engine hands out: the padding rows' scratch space.
+        self.kv_cache = KVCache(KVCacheShape(num_layers, num_blocks + int(use_graphs), engine.block_size, kv_heads,
+                                             head_dim), dtype, self.device)
         if rank == 0:
             tokens = self.kv_cache.capacity_tokens
             logger.info("KV cache: %d blocks of %d tokens = %d tokens (%d sequences of 2k tokens), %.1f MiB/rank",
@@ -143,10 +148,23 @@ class ModelRunner:
             seconds = self._warm_up(step, self.kv_cache, _REAL_CACHE_HINT)
             if rank == 0:
                 logger.info("warm-up: %s in %.0f ms", describe_step(step), seconds * 1e3)
+        self._graphs: DecodeGraphs | None = None
+        if use_graphs:
+            started = time.perf_counter()
+            self._graphs = DecodeGraphs(self.model, self.kv_cache, min(engine.cuda_graph_max_batch, engine.max_num_seqs),
+                                        blocks_needed(model_config.max_model_len, engine.block_size), num_blocks,
+                                        capture=self.device.type == "cuda")
+            if rank == 0:
+                logger.info("decode steps of up to %d rows: %s (%.1f s)", self._graphs.buckets[-1],
+                            f"CUDA graphs for batches {self._graphs.buckets}" if self._graphs.captured
+                            else "static buffers, eager (no capture)", time.perf_counter() - started)
+        if rank == 0:
+            logger.info("decode attention: %s", describe_decode_attention(self._paged_decode, self.device))
 
     @property
     def num_blocks(self) -> int:
-        return self.kv_cache.shape.num_blocks
+        """Blocks the engine may hand out (the graphs' scratch block is not one of them)."""
+        return self._usable_blocks
 
     def _gpu_kv_budget(self, engine: EngineConfig, warm_up: list[StepInput], probe_shape: KVCacheShape,
                        dtype: torch.dtype) -> int:
@@ -256,11 +274,29 @@ class ModelRunner:
             if threads != torch.get_num_threads():  # switching costs ~0.1 ms: only when the size class changes
                 torch.set_num_threads(threads)
         # The step's one host-to-device copy, queued without waiting for the device.
-        ids, positions, slots, _, _, tables, rows = step.sizes.split(to_device(step.payload, self.device))
+        ids, positions, slots, _, lens, tables, rows = step.sizes.split(to_device(step.payload, self.device))
+        sizes = step.sizes
+        if kv_cache is None and self._graphs is not None and self._graphs.covers(
+                sizes.tokens, sizes.seqs, sizes.samples, sizes.width, step.context_lens):
+            return self._graphs.run(ids, positions, slots, tables, lens)
         batch = AttentionBatch.build(step.query_starts, step.context_lens, tables, slots, self.block_size,
-                                     self._decode_gather_tokens)
+                                     self._decode_gather_tokens, paged=self._paged_decode)
         return llama.forward(self.model, self.kv_cache if kv_cache is None else kv_cache, ids, positions, batch,
                              rows)
+
+
+def _paged_decode_attention(setting: str, device: torch.device) -> bool:
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "paged"
+
+
+def describe_decode_attention(paged: bool, device: torch.device) -> str:
+    if not paged:
+        return "gather (decode rows in calls by length, their blocks gathered)"
+    if device.type == "cuda":
+        return "paged, Triton kernel reading the block tables in place"
+    return "paged, full-width masked gather (the CUDA kernel's shapes, without the kernel)"
 
 
 def largest_steps(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,

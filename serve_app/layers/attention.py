@@ -83,6 +83,15 @@ class DecodeGroup:
 
 
 @dataclass
+class PagedDecodeRows:
+    """Every decode row of a step, attended in one call that reads the block tables in place."""
+
+    tokens: torch.Tensor  # [R] each row's token index in the step
+    block_tables: torch.Tensor  # [R, W]
+    context_lens: torch.Tensor  # [R]
+
+
+@dataclass
 class AttentionBatch:
     """Where each sequence's tokens sit in the flat step, and how much context each one has.
 
@@ -97,16 +106,27 @@ class AttentionBatch:
     slots: torch.Tensor  # [T] flat cache slot of every token in the step
     # Decode rows (one query token with earlier context) are attended in batched calls, a group per call.
     decode_rows: frozenset[int]
-    decode_groups: list[DecodeGroup]
+    decode_groups: list[DecodeGroup]  # the gather path's calls, or
+    paged_decode: PagedDecodeRows | None = None  # ... the paged path's one call
 
     @classmethod
     def build(cls, query_starts: list[int], context_lens: list[int], block_tables: torch.Tensor,
-              slots: torch.Tensor, block_size: int, decode_gather_tokens: int) -> AttentionBatch:
-        """From the step's host lists and its device tensors; the decode groups' indices reach the device in
-        one non-blocking copy, so building the batch never waits for the device."""
+              slots: torch.Tensor, block_size: int, decode_gather_tokens: int, *, paged: bool = False
+              ) -> AttentionBatch:
+        """From the step's host lists and its device tensors; the decode rows' indices reach the device in
+        one non-blocking copy, so building the batch never waits for the device. `paged`: the decode rows
+        go in one `PagedDecodeRows` call instead of gather groups."""
         device = block_tables.device
         rows = [b for b in range(len(context_lens))
                 if query_starts[b + 1] - query_starts[b] == 1 and context_lens[b] > 1]
+        if paged:
+            decode = None
+            if rows:
+                members, tokens, lens = upload(
+                    rows + [query_starts[b] for b in rows] + [context_lens[b] for b in rows], torch.int64,
+                    device).view(3, len(rows))
+                decode = PagedDecodeRows(tokens, block_tables.index_select(0, members), lens)
+            return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), [], decode)
         grouped = group_decode_rows(rows, context_lens, block_size, decode_gather_tokens)
         indices: list[int] = []
         for group in grouped:
@@ -177,7 +197,32 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             scale=scale, enable_gqa=gqa, **causal)[0].transpose(0, 1)
     for group in batch.decode_groups:
         _batched_decode(q, out, kv_cache, layer, group, scale, gqa)
+    if batch.paged_decode is not None:
+        rows = batch.paged_decode
+        result = paged_decode(q.index_select(0, rows.tokens), kv_cache.keys[layer], kv_cache.values[layer],
+                              rows.block_tables, rows.context_lens, scale)
+        out.index_copy_(0, rows.tokens, result)
     return out
+
+
+def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row `[R, Hq, D]` over its first `context_lens[r]` cached tokens, read through its block
+    table; `[R, Hq, D]`. On CUDA the Triton kernel reads the blocks in place; elsewhere every row's whole
+    table is gathered and masked past its length — the same shapes whatever the lengths, so it too could
+    be captured in a graph, at the cost of reading the table's full width."""
+    if q.device.type == "cuda":
+        from serve_app.layers.triton_paged_attention import paged_decode_attention
+
+        return paged_decode_attention(q, key_cache, value_cache, block_tables, context_lens, scale)
+    rows, width = block_tables.shape
+    block_size, kv_heads, head_dim = key_cache.shape[1:]
+    shape = (rows, width * block_size, kv_heads, head_dim)
+    keys = key_cache.index_select(0, block_tables.flatten()).view(shape).transpose(1, 2)
+    values = value_cache.index_select(0, block_tables.flatten()).view(shape).transpose(1, 2)
+    valid = torch.arange(width * block_size, device=q.device)[None, :] < context_lens[:, None]
+    return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :],
+                                          scale=scale, enable_gqa=q.shape[1] != kv_heads).squeeze(2)
 
 
 def _batched_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: KVCache, layer: int, group: DecodeGroup,

@@ -31,12 +31,12 @@ def reference(greedy_reference):
 
 def _engine(checkpoint, tp: int = 1, *, kv_cache_bytes: int = 64 * 2**20, max_model_len: int = 1024,
             max_num_seqs: int = 32, max_num_batched_tokens: int = 256, decode_gather_tokens: int = 65536,
-            dtype: str = "float32") -> Engine:
+            dtype: str = "float32", **engine_settings) -> Engine:
     model = ModelConfig(source=str(checkpoint), served_model_id="tiny", dtype=dtype,
                         tensor_parallel_size=tp, max_model_len=max_model_len)
     engine = EngineConfig(device="cpu", kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens, collective_timeout_s=60,
-                          heartbeat_interval_s=5, decode_gather_tokens=decode_gather_tokens)
+                          heartbeat_interval_s=5, decode_gather_tokens=decode_gather_tokens, **engine_settings)
     return start_engine(model, engine)
 
 
@@ -96,6 +96,32 @@ def test_decode_rows_attended_in_calls_by_length_match_generate(tiny_checkpoint,
         engine.shutdown()
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["paged", "paged-static-buffers"])
+def test_paged_decode_and_the_cuda_graph_path_match_generate(tiny_checkpoint, reference, monkeypatch, graphs):
+    """The paged decode attention (one call over every decode row, reading whole block tables), and on top of
+    it the static buffers CUDA graphs replay — batches padded to their bucket, padding rows on a scratch
+    block — run here eagerly: staggered arrivals move the batch through buckets 1 to 8, and every request
+    still continues exactly as `generate` does."""
+    from serve_app.engine.cuda_graphs import DecodeGraphs
+
+    replayed = []
+    run = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, *args: replayed.append(args[0].numel()) or run(self, *args))
+    engine = _engine(tiny_checkpoint, max_num_seqs=8, decode_attention="paged", cuda_graphs=graphs)
+    try:
+        prompts = _random_prompts(9, seed=11, low=3, high=120)
+        results = _run(engine, prompts, stagger=2)
+        for index, prompt in enumerate(prompts):
+            assert results[f"r{index}"] == reference(prompt), f"prompt {index} (len {len(prompt)})"
+        assert engine.stats().num_free_blocks == engine.stats().num_blocks
+    finally:
+        engine.shutdown()
+    if graphs:  # decode steps took the static path, at sizes that need padding (3, 5, 6, 7 of bucket 4 or 8)
+        assert len(replayed) > MAX_NEW and set(replayed) & {3, 5, 6, 7}
+    else:
+        assert replayed == []
+
+
 def test_long_prompt_is_prefilled_in_chunks_alongside_decodes(engine_tp1, reference):
     # 600 tokens with a 256-token step budget: three chunks while the short request keeps decoding.
     prompts = _random_prompts(1, seed=2, low=5, high=6) + _random_prompts(1, seed=3, low=600, high=601)
@@ -143,8 +169,10 @@ def test_kv_exhaustion_preempts_and_resumes_with_identical_tokens(tiny_checkpoin
         engine.shutdown()
 
 
-def test_tensor_parallel_two_ranks_match_generate(tiny_checkpoint, reference):
-    engine = _engine(tiny_checkpoint, tp=2)
+@pytest.mark.parametrize("settings", [{}, {"decode_attention": "paged", "cuda_graphs": True}],
+                         ids=["gather", "paged-static-buffers"])
+def test_tensor_parallel_two_ranks_match_generate(tiny_checkpoint, reference, settings):
+    engine = _engine(tiny_checkpoint, tp=2, **settings)
     try:
         assert engine.healthy()
         prompts = _random_prompts(6, seed=6)

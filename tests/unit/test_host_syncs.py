@@ -14,9 +14,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Self
 
+import pytest
 import torch
+from typing_extensions import Self
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.engine import Engine, build_engine, start_engine
@@ -80,11 +81,11 @@ class SyncCounter:
             self.blocking_copies.append(f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
 
 
-def _configs(checkpoint, tp: int) -> tuple[ModelConfig, EngineConfig]:
+def _configs(checkpoint, tp: int, **settings) -> tuple[ModelConfig, EngineConfig]:
     model = ModelConfig(source=str(checkpoint), served_model_id="tiny", dtype="float32", tensor_parallel_size=tp,
                         max_model_len=512)
     engine = EngineConfig(device="cpu", kv_cache_bytes=16 * 2**20, max_num_seqs=8, max_num_batched_tokens=64,
-                          collective_timeout_s=120, decode_gather_tokens=64)
+                          collective_timeout_s=120, decode_gather_tokens=64, **settings)
     return model, engine
 
 
@@ -119,8 +120,11 @@ def _assert_rank0_bound(steps: list[tuple[list[str], list[str]]]) -> None:
     assert sum(len(reads) for reads, _ in steps) >= len(steps) - 1  # the counter sees the sampled ids' copy
 
 
-def test_a_step_on_rank_0_reads_only_its_sampled_tokens_from_the_device(tiny_checkpoint):
-    engine = start_engine(*_configs(tiny_checkpoint, tp=1))
+@pytest.mark.parametrize("settings", [{}, {"decode_attention": "paged", "cuda_graphs": True}],
+                         ids=["gather", "paged-static-buffers"])
+def test_a_step_on_rank_0_reads_only_its_sampled_tokens_from_the_device(tiny_checkpoint, settings):
+    """Both decode paths: the CPU's gather calls, and the paged one on the buffers CUDA graphs replay."""
+    engine = start_engine(*_configs(tiny_checkpoint, tp=1, **settings))
     try:
         _assert_rank0_bound(_mixed_load(engine))
     finally:

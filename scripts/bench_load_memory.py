@@ -1,69 +1,125 @@
-"""What one rank's checkpoint load costs in memory: shared (file-backed) vs the process's own.
+"""What loading a checkpoint costs each rank in memory: its peak private memory against the model's size.
 
-Every tensor-parallel rank reads the whole checkpoint before AutoTP keeps its slice. Whether that costs a node
-one copy or one per rank depends on whether the loaded weights stay memory-mapped (file-backed pages are
-shared through the page cache) or are copied into each process. This builds a random Llama checkpoint of the
-given shape in fp16 (no download), loads it with the project's own `load_rank_model` in the given dtype, reads
-every weight, and prints the process's file-backed and anonymous resident memory.
+A tensor-parallel rank needs only its shard. Whether loading costs it that, or a whole private copy of the
+model, depends on how the checkpoint is read: file-backed pages (safetensors memory-mapped, kept in their own
+dtype) are shared by every rank of a node through the page cache; a converted or unpickled tensor is the
+process's own. This builds a random Llama checkpoint of the given shape (no download) in the given dtype and
+format, loads it with the project's `load_rank_model` on every rank of a local CPU group, and reports per
+rank: the private (anonymous) memory before the load (the baseline), its peak during the load (sampled every
+5 ms), and what stays after, in MiB and as a share of the model's size in the served dtype.
 
-    python scripts/bench_load_memory.py                  # fp16 checkpoint loaded as fp16
-    python scripts/bench_load_memory.py --dtype bfloat16 # ... converted on load
+    python scripts/bench_load_memory.py --tp 2 --checkpoint-dtype float32 --dtype bfloat16   # issue 14's case
+    python scripts/bench_load_memory.py --tp 2 --format bin
+    python scripts/bench_load_memory.py                       # tp=1, fp16 checkpoint served as fp16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.worker import load_rank_model
+from serve_app.parallel.group import free_address, join_process_group, leave_process_group
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def resident_mib() -> dict[str, int]:
-    fields = {}
+def private_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
-            fields[key] = int(value.split()[0]) // 1024
-    return fields
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
-def build_checkpoint(folder: Path, hidden: int, intermediate: int, layers: int) -> int:
+def build_checkpoint(folder: Path, hidden: int, intermediate: int, layers: int, dtype: torch.dtype,
+                     safetensors: bool) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, vocab_size=32000)
-    model = LlamaForCausalLM(config).to(torch.float16)
-    model.save_pretrained(folder)  # safetensors, as Meta's Llama 2 checkpoints on the hub
-    return sum(parameter.numel() * 2 for parameter in model.parameters())
+    model = LlamaForCausalLM(config).to(dtype)
+    if safetensors:
+        model.save_pretrained(folder)  # as Meta's Llama 2 checkpoints on the hub
+    else:  # a PyTorch pickle, as older and fine-tuned checkpoints often are
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+def measure_rank(address, rank: int, model: ModelConfig, engine: EngineConfig, results) -> None:
+    join_process_group(address, rank, engine)
+    baseline = private_mib()
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, private_mib())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    loaded = load_rank_model(model, engine, address.world_size)
+    with torch.no_grad():
+        for parameter in loaded.parameters():  # touch every weight, as the first forward would
+            parameter.sum()
+    done.set()
+    sampler.join()
+    peak = max(peak, private_mib())
+    shard_mib = sum(p.numel() * p.element_size() for p in loaded.parameters()) / 2**20
+    results[rank] = {"baseline_mib": baseline, "peak_over_baseline_mib": peak - baseline,
+                     "kept_over_baseline_mib": private_mib() - baseline, "shard_mib": shard_mib}
+    leave_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--dtype", choices=DTYPES, default="float16", help="the served dtype")
+    parser.add_argument("--checkpoint-dtype", choices=DTYPES, default="float16")
+    parser.add_argument("--format", choices=["safetensors", "bin"], default="safetensors")
     parser.add_argument("--hidden-size", type=int, default=2048)
     parser.add_argument("--intermediate-size", type=int, default=5504)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--out", help="also write the figures here as JSON")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
-        checkpoint_bytes = build_checkpoint(Path(folder), args.hidden_size, args.intermediate_size, args.layers)
-        model = ModelConfig(source=folder, served_model_id="memory", dtype=args.dtype)
-        engine = EngineConfig(device="cpu", kv_cache_bytes=1)
-        before = resident_mib()
-        loaded = load_rank_model(model, engine, world_size=1)
-        with torch.no_grad():
-            for parameter in loaded.parameters():  # read every weight, as sharding and `.to(device)` do
-                parameter.float().sum()
-        after = resident_mib()
-    report = {"checkpoint_mib": checkpoint_bytes // 2**20, "dtype": args.dtype,
-              "file_backed_mib": after["RssFile"] - before["RssFile"],
-              "own_mib": after["RssAnon"] - before["RssAnon"]}
-    print(json.dumps(report))
+        build_checkpoint(Path(folder), args.hidden_size, args.intermediate_size, args.layers,
+                         DTYPES[args.checkpoint_dtype], args.format == "safetensors")
+        from transformers import AutoConfig, LlamaForCausalLM
+
+        with torch.device("meta"):
+            shape = LlamaForCausalLM(AutoConfig.from_pretrained(folder))
+        model_mib = sum(p.numel() for p in shape.parameters()) * DTYPES[args.dtype].itemsize / 2**20
+        model = ModelConfig(source=folder, served_model_id="memory", dtype=args.dtype,
+                            tensor_parallel_size=args.tp, max_model_len=256)
+        engine = EngineConfig(device="cpu", kv_cache_bytes=1, cpu_threads_per_rank=1)
+        address = free_address(args.tp)
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager:
+            results = manager.dict()
+            ranks = [context.Process(target=measure_rank, args=(address, rank, model, engine, results))
+                     for rank in range(args.tp)]
+            for process in ranks:
+                process.start()
+            for process in ranks:
+                process.join()
+            per_rank = [dict(results[rank]) for rank in range(args.tp)]
+    worst = max(rank["peak_over_baseline_mib"] for rank in per_rank)
+    figures = {"tp": args.tp, "checkpoint": f"{args.checkpoint_dtype} {args.format}", "served": args.dtype,
+               "model_mib": model_mib, "worst_peak_share_of_model": worst / model_mib, "ranks": per_rank}
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

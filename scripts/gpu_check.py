@@ -40,7 +40,7 @@ try:
 
     from serve_app.config import EngineConfig, ModelConfig
     from serve_app.engine.engine import Engine, start_engine
-    from serve_app.engine.model_runner import ModelRunner, describe_decode_attention
+    from serve_app.engine.model_runner import ModelRunner
     from serve_app.engine.sampling_params import SamplingParams
     from serve_app.engine.scheduler import SchedulerLimits
     from serve_app.engine.sequence import ChoiceId, EngineRequest
@@ -55,6 +55,7 @@ SHAPES = {
 # Peak memory bandwidth in TB/s, by the name torch reports; --hbm-tb-s overrides, and a copy is measured too.
 HBM_TB_S = {"H200": 4.8, "H100 NVL": 3.9, "H100 PCIe": 2.0, "H100": 3.35, "A100-SXM4-80GB": 2.039,
             "A100 80GB PCIe": 1.935, "A100": 1.555, "L40S": 0.864, "A10": 0.6, "L4": 0.3}
+TORCH_DTYPE = {"cuda": torch.float16, "cpu": torch.float32}  # the speed model's dtype
 DECODE_PATHS = {"gather": {"decode_attention": "gather", "cuda_graphs": False},
                 "paged": {"decode_attention": "paged", "cuda_graphs": False},
                 "paged+graphs": {"decode_attention": "paged", "cuda_graphs": True}}
@@ -115,8 +116,7 @@ def check_correctness(device: str, max_new: int, tie_tolerance: float) -> dict:
         try:
             tokens[name] = _greedy(engine, prompts, max_new)
             results[name] = compare(tokens[name]) | {
-                "decode_attention": describe_decode_attention(engine.runner._paged_decode, engine.runner.device),
-                "graphs_captured": bool(engine.runner._graphs and engine.runner._graphs.captured)}
+                "decode_attention": engine.runner.decode_attention, "graphs_captured": engine.runner.graphs_captured}
         finally:
             _free(engine)
     results["graphs_on_equals_off"] = tokens["paged+graphs"] == tokens["paged"]
@@ -126,7 +126,7 @@ def check_correctness(device: str, max_new: int, tie_tolerance: float) -> dict:
 def _speed_engine(shape: str, device: str, cuda_graphs: bool, kv_cache_bytes: int | None) -> tuple[Engine, int]:
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                          tie_word_embeddings=False, **SHAPES[shape])
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = TORCH_DTYPE[device]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the target dtype: a 7B model never exists in fp32
     try:
@@ -191,8 +191,8 @@ def check_speed(shape: str, device: str, hbm_tb_s: float | None) -> dict:
                               kv_cache_bytes=None if device == "cuda" else 256 * 2**20)
     try:
         runner = engine.runner
-        figures["decode_attention"] = describe_decode_attention(runner._paged_decode, runner.device)
-        figures["graphs_captured"] = bool(runner._graphs and runner._graphs.captured)
+        figures["decode_attention"] = runner.decode_attention
+        figures["graphs_captured"] = runner.graphs_captured
         _output_tokens_per_s(engine, 2, 32, 8)
         batch1 = _output_tokens_per_s(engine, 1, 128, 256)
         roofline = bandwidth / weight_bytes
@@ -212,8 +212,6 @@ def check_speed(shape: str, device: str, hbm_tb_s: float | None) -> dict:
         _free(engine)
     return figures
 
-
-TORCH_DTYPE = {"cuda": torch.float16, "cpu": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,7 +159,21 @@ class ModelRunner:
                             f"CUDA graphs for batches {self._graphs.buckets}" if self._graphs.captured
                             else "static buffers, eager (no capture)", time.perf_counter() - started)
         if rank == 0:
-            logger.info("decode attention: %s", describe_decode_attention(self._paged_decode, self.device))
+            logger.info("decode attention: %s", self.decode_attention)
+
+    @property
+    def decode_attention(self) -> str:
+        """How this rank's decode rows attend, in words (logged at start, reported by scripts/gpu_check.py)."""
+        if not self._paged_decode:
+            return "gather (decode rows in calls by length, their blocks gathered)"
+        if self.device.type == "cuda":
+            return "paged, Triton kernel reading the block tables in place"
+        return "paged, full-width masked gather (the CUDA kernel's shapes, without the kernel)"
+
+    @property
+    def graphs_captured(self) -> bool:
+        """Whether decode steps replay from CUDA graphs (False when off, off CUDA, or capture failed)."""
+        return self._graphs is not None and self._graphs.captured
 
     @property
     def num_blocks(self) -> int:
@@ -289,14 +303,6 @@ def _paged_decode_attention(setting: str, device: torch.device) -> bool:
     if setting == "auto":
         return device.type == "cuda"
     return setting == "paged"
-
-
-def describe_decode_attention(paged: bool, device: torch.device) -> str:
-    if not paged:
-        return "gather (decode rows in calls by length, their blocks gathered)"
-    if device.type == "cuda":
-        return "paged, Triton kernel reading the block tables in place"
-    return "paged, full-width masked gather (the CUDA kernel's shapes, without the kernel)"
 
 
 def largest_steps(max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,

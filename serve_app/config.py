@@ -25,7 +25,10 @@ class ModelConfig(StrictModel):
         f"`{TINY_MODEL_SOURCE}` builds the tiny random-weight Llama used by the CPU default.")
     served_model_id: str = Field(description="The `model` name clients send and `/v1/models` lists.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float16", description="Weights and KV cache dtype.")
+        "float16", description="Weights and KV cache dtype. At tensor_parallel_size > 1, a local checkpoint in "
+        "another dtype is converted once per node into safetensors in this one, under "
+        "`$LLAMA_SERVE_CACHE/converted/` (default `~/.cache/llama-serve`), so that each rank memory-maps it "
+        "and holds only its shard.")
     tensor_parallel_size: int = Field(1, ge=1, description="Ranks (GPUs, or CPU processes) per replica group.")
     max_model_len: int = Field(4096, ge=16, description="Prompt plus completion tokens, per request.")
     owned_by: str = Field("llama-serve", description="Shown in `/v1/models`.")

@@ -24,7 +24,7 @@ def rank_device(engine: EngineConfig) -> torch.device:
 
 def load_rank_model(model: ModelConfig, engine: EngineConfig, world_size: int) -> torch.nn.Module:
     """This rank's model on its device: the whole checkpoint at tp=1, its DeepSpeed AutoTP shard above."""
-    module = load_checkpoint(model)
+    module = load_checkpoint(model, world_size)
     if world_size > 1:
         module = shard_model(module, world_size, TORCH_DTYPES[model.dtype], engine.device)
     return module.to(rank_device(engine))

@@ -2,7 +2,9 @@
 
 In: `model.source` (a folder, a hub id, or the built-in tiny Llama) and `model.dtype`. Out: the checkpoint's
 `LlamaForCausalLM`, whole and on the host, as `from_pretrained` builds it; sharding it over ranks is the
-tensor-parallel group's business (`parallel/sharding.py`).
+tensor-parallel group's business (`parallel/sharding.py`). For a rank of a group, the weights must stay
+memory-mapped so that slicing its shard is its only private copy: a local checkpoint in another dtype than
+the served one is read from its converted copy (`converted_checkpoint.py`).
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ def resolve_checkpoint(source: str) -> str:
     return source
 
 
-def load_checkpoint(model: ModelConfig) -> torch.nn.Module:
-    """The whole model in `model.dtype`, in eval mode, on the host."""
+def load_checkpoint(model: ModelConfig, world_size: int = 1) -> torch.nn.Module:
+    """The whole model in `model.dtype`, in eval mode, on the host; at `world_size` > 1 memory-mapped."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_checkpoint(model.source)
+    if world_size > 1 and Path(path).is_dir():
+        from serve_app.models.converted_checkpoint import memory_mappable_checkpoint
+
+        path = str(memory_mappable_checkpoint(path, TORCH_DTYPES[model.dtype]))
     logger.info("loading %s as %s", path, model.dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[model.dtype]).eval()

@@ -4,6 +4,11 @@ The only module that imports deepspeed. In: the whole Hugging Face model on one 
 exists. Out: this rank's shard — q/k/v/gate/up keep this rank's slice of their outputs, and o_proj,
 down_proj and lm_head all-reduce their partial results — with the module tree (and so the model code that
 calls it) unchanged.
+
+The lm_head is split here, not by AutoTP: AutoTP first clones the whole head (for models whose head shares the
+embedding's weight), which costs every rank a private copy of the largest matrix in the model (250 MiB for
+Llama-2-7B in fp16, 500 MiB for 70B) at the moment its own shard is also being built. Slicing the
+memory-mapped head directly makes the shard the only copy.
 """
 
 from __future__ import annotations
@@ -13,6 +18,28 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
+
+
+class ColumnParallelHead(torch.nn.Module):
+    """A linear layer split along its input features: each rank multiplies its slice of the hidden state by its
+    slice of the weight's columns, and the partial products are summed over the group."""
+
+    def __init__(self, linear: torch.nn.Linear, rank: int, world_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("a column-parallel head has no bias: it would be summed once per rank")
+        bounds = [len(part) for part in torch.arange(linear.in_features).tensor_split(world_size)]
+        self.start = sum(bounds[:rank])
+        self.stop = self.start + bounds[rank]
+        # .to(copy=True) makes the slice this rank's own tensor, so the full (memory-mapped) weight is dropped.
+        weight = linear.weight.detach()[:, self.start:self.stop].to(dtype, copy=True).contiguous()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        partial = torch.nn.functional.linear(hidden[..., self.start:self.stop], self.weight)
+        dist.all_reduce(partial)
+        return partial
 
 
 def _join_deepspeed(device_type: str) -> None:
@@ -37,6 +64,8 @@ def shard_model(model: torch.nn.Module, world_size: int, dtype: torch.dtype, dev
     # float32: in fp16 their relative error (up to ~4e-4) is ~1 rad of phase by position 4,096, so long
     # sequences attend to the wrong places. transformers keeps them float32 whatever the weights' dtype.
     kept = {name: buffer for name, buffer in model.named_buffers() if buffer.dtype == torch.float32}
+    # AutoTP leaves a head that is not an nn.Linear alone (its `set_lm_head` looks for one).
+    model.lm_head = ColumnParallelHead(model.lm_head, dist.get_rank(), world_size, dtype)
     sharded = deepspeed.init_inference(model, tensor_parallel={"tp_size": world_size}, dtype=dtype,
                                        replace_with_kernel_inject=False).module
     for name, buffer in kept.items():

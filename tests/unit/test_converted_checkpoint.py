@@ -1,0 +1,129 @@
+"""A checkpoint in another dtype than the served one is converted once per node into memory-mappable safetensors
+(`models/converted_checkpoint.py`), so that a tensor-parallel rank's only private copy is its shard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from serve_app.models import converted_checkpoint
+from serve_app.models.converted_checkpoint import memory_mappable_checkpoint, write_safetensors
+
+
+def build(folder: Path, dtype: torch.dtype, safetensors: bool) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300)
+    model = LlamaForCausalLM(config).to(dtype)
+    if safetensors:
+        model.save_pretrained(folder)
+    else:
+        model.config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def load(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "bin"])
+def test_the_converted_copy_is_the_model_cast_on_load(tmp_path, safetensors):
+    source = build(tmp_path / "fp32", torch.float32, safetensors)
+    copy = memory_mappable_checkpoint(source, torch.bfloat16, tmp_path / "cache")
+    assert copy != source.resolve() and copy.parent == tmp_path / "cache"
+    assert (copy / "config.json").is_file()
+    cast_on_load, converted = load(source, torch.bfloat16), load(copy, torch.bfloat16)
+    expected = cast_on_load.state_dict()
+    for name, tensor in converted.state_dict().items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, expected[name]), name
+    tokens = torch.tensor([[1, 5, 77, 299]])
+    with torch.no_grad():
+        assert torch.equal(converted(tokens).logits, cast_on_load(tokens).logits)
+
+
+def test_a_checkpoint_already_in_the_served_dtype_is_used_in_place(tmp_path):
+    source = build(tmp_path / "bf16", torch.bfloat16, True)
+    assert memory_mappable_checkpoint(source, torch.bfloat16, tmp_path / "cache") == source.resolve()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_copy_is_made_once_and_again_when_the_source_changes(tmp_path):
+    source = build(tmp_path / "fp32", torch.float32, True)
+    first = memory_mappable_checkpoint(source, torch.float16, tmp_path / "cache")
+    written = {path.name: path.stat().st_mtime_ns for path in first.iterdir()}
+    assert memory_mappable_checkpoint(source, torch.float16, tmp_path / "cache") == first
+    assert {path.name: path.stat().st_mtime_ns for path in first.iterdir()} == written
+    (source / "model.safetensors").unlink()
+    build(tmp_path / "fp32", torch.float32, True)  # new weights in the same folder
+    assert memory_mappable_checkpoint(source, torch.float16, tmp_path / "cache") != first
+
+
+def _convert_in_child(source: str, cache: str, start, conversions, results) -> None:
+    convert = converted_checkpoint._convert
+
+    def slow_convert(*args) -> None:  # long enough that the other rank arrives while this one converts
+        conversions.append(os.getpid())
+        time.sleep(2)
+        convert(*args)
+
+    converted_checkpoint._convert = slow_convert
+    start.wait()
+    results.append(str(memory_mappable_checkpoint(source, torch.bfloat16, Path(cache))))
+
+
+def test_ranks_converting_at_once_share_one_complete_copy(tmp_path):
+    source = build(tmp_path / "fp32", torch.float32, True)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        start, conversions, results = manager.Barrier(2), manager.list(), manager.list()
+        ranks = [context.Process(target=_convert_in_child,
+                                 args=(str(source), str(tmp_path / "cache"), start, conversions, results))
+                 for _ in range(2)]
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(timeout=300)
+        assert [process.exitcode for process in ranks] == [0, 0]
+        paths, converted_by = set(results), list(conversions)
+    assert len(paths) == 1
+    assert len(converted_by) == 1  # the other waited for its copy
+    folders = [path for path in (tmp_path / "cache").iterdir() if path.is_dir()]
+    assert [str(folder) for folder in folders] == list(paths)  # no staging folder left behind
+    index = json.loads((folders[0] / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(load(source, torch.float32).state_dict())
+
+
+def test_without_room_for_a_copy_it_casts_on_load_and_says_so(tmp_path, monkeypatch, caplog):
+    source = build(tmp_path / "fp32", torch.float32, True)
+    monkeypatch.setattr(converted_checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=1024))
+    with caplog.at_level(logging.WARNING, logger=converted_checkpoint.__name__):
+        assert memory_mappable_checkpoint(source, torch.bfloat16, tmp_path / "cache") == source.resolve()
+    assert "private copy" in caplog.text
+
+
+def test_streamed_file_reads_back_with_the_safetensors_library(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(converted_checkpoint, "CHUNK_BYTES", 64)  # many slices per tensor
+    tensors = {"weight": torch.randn(33, 7), "positions": torch.arange(10), "scalar": torch.tensor(3.5),
+               "empty": torch.empty(0, 4)}
+    write_safetensors(tmp_path / "out.safetensors", iter(tensors.items()), torch.float16)
+    read = load_file(tmp_path / "out.safetensors")
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        expected = tensor.half() if tensor.is_floating_point() else tensor
+        assert read[name].dtype == expected.dtype and torch.equal(read[name], expected), name

@@ -6,6 +6,7 @@ generates exactly `--output-len` tokens (EOS ignored), so the figures compare li
 
     python scripts/bench_engine.py                      # CPU, the tiny default checkpoint
     python scripts/bench_engine.py --out bench.json     # also write the figures as JSON
+    python scripts/bench_engine.py --tensor-parallel-size 2 --concurrency 1 32   # the tiny config's group
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--source", default=TINY_MODEL_SOURCE, help="checkpoint folder or hub id")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks of the engine's group (on CPU: local processes, one torch thread each)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -138,12 +141,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     model_config = ModelConfig(source=args.source, served_model_id="bench", dtype=args.dtype,
-                               tensor_parallel_size=1, max_model_len=4096)
+                               tensor_parallel_size=args.tensor_parallel_size, max_model_len=4096)
     # Repeats submit the same prompts again: without the prefix cache the engine computes every prompt, as
     # `generate` does. The shared-prefix figures below switch it on.
     engine_config = EngineConfig(
         device=args.device, max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096,
-        kv_cache_bytes=args.kv_cache_bytes if args.device == "cpu" else None, enable_prefix_caching=False)
+        kv_cache_bytes=args.kv_cache_bytes if args.device == "cpu" else None, enable_prefix_caching=False,
+        cpu_threads_per_rank=1 if args.device == "cpu" and args.tensor_parallel_size > 1 else None)
     engine = start_engine(model_config, engine_config)
     hf_model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(args.source),
                                                     dtype=getattr(torch, args.dtype)).to(args.device).eval()
@@ -189,7 +193,8 @@ def main() -> None:
         print(f"engine at {top} / one at a time: {results['ratio_vs_one_at_a_time']:.1f}x (target >= 10)")
     environment = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
                    "threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
-                   "output_len": args.output_len, "source": args.source}
+                   "output_len": args.output_len, "source": args.source,
+                   "tensor_parallel_size": args.tensor_parallel_size}
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"results": results, "environment": environment}, handle, indent=2)

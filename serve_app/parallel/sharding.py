@@ -14,11 +14,16 @@ memory-mapped head directly makes the shard the only copy.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import socket
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 class ColumnParallelHead(torch.nn.Module):
@@ -37,27 +42,90 @@ class ColumnParallelHead(torch.nn.Module):
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        import deepspeed.comm
+
         partial = torch.nn.functional.linear(hidden[..., self.start:self.stop], self.weight)
-        dist.all_reduce(partial)
+        # DeepSpeed's, as its own row-parallel layers do: shared memory between CPU ranks, NCCL on GPUs.
+        deepspeed.comm.inference_all_reduce(partial)  # in place (it returns None on some paths)
         return partial
 
 
-def _join_deepspeed(device_type: str) -> None:
-    """Let DeepSpeed's comm layer wrap the torch.distributed group that `group.py` created."""
+# DeepSpeed's shared-memory all-reduce keeps the workspace of the first group it joined for the life of the
+# process (a C++ static): a later group in the same process must not use it.
+_shared_memory_all_reduce_used = False
+_SHARED_MEMORY_WORKSPACE_BYTES = 66 * 2**20  # per rank, in /dev/shm (DeepSpeed 0.19's allreduce_workspace)
+
+
+def _machine_id() -> str:
+    """This machine (this boot of it): ranks with the same id share its memory."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id")
+    return f"{socket.gethostname()}:{boot_id.read_text().strip() if boot_id.is_file() else ''}"
+
+
+def _can_share_memory(world_size: int) -> bool:
+    """Whether every rank of the group is on this machine, can use DeepSpeed's shared-memory all-reduce, and
+    says so: all ranks must take the same path, or their collectives never meet."""
+    machines: list[str | None] = [None] * world_size
+    dist.all_gather_object(machines, _machine_id())
+    shm = Path("/dev/shm")
+    room = shm.is_dir() and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize > 2 * world_size * \
+        _SHARED_MEMORY_WORKSPACE_BYTES
+    able = torch.tensor([int(len(set(machines)) == 1 and room and not _shared_memory_all_reduce_used)])
+    dist.all_reduce(able, op=dist.ReduceOp.MIN)
+    return bool(able.item())
+
+
+def _join_deepspeed(device_type: str, world_size: int) -> None:
+    """Let DeepSpeed's comm layer wrap the torch.distributed group that `group.py` created.
+
+    On CPU, with every rank on one machine, the partial sums of o_proj, down_proj and the lm_head go through
+    DeepSpeed's shared-memory all-reduce: ~7 us for a decode step's activations here, where gloo's TCP
+    round trip between two processes takes 0.8-1.8 ms (the wake-up of a sleeping process on these VMs), and a
+    decode step makes 2 per layer (`docs/benchmarks.md`). It needs LOCAL_SIZE to say that all ranks are
+    local: without it the kernel runs on a workspace it never mapped, which is the segfault this project saw
+    before. Elsewhere the process group's all-reduce.
+    """
+    global _shared_memory_all_reduce_used
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device_type == "cpu" else "cuda")
     import deepspeed
 
-    # DeepSpeed's CPU shared-memory all-reduce segfaults on its first call on some hosts (seen with 0.19.8
-    # on this project's machines); the plain process-group all-reduce is correct and fast enough on CPU.
     # importlib, because `import deepspeed.comm.torch as m` binds the `torch` package that
     # deepspeed.comm re-exports under that name, not DeepSpeed's module.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    comm = importlib.import_module("deepspeed.comm.torch")
+    build_shm_op = getattr(comm, "_llama_serve_build_shm_op", comm.build_shm_op)
+    comm._llama_serve_build_shm_op = build_shm_op
+    shared = device_type == "cpu" and _can_share_memory(world_size)
+    if shared:
+        os.environ["LOCAL_SIZE"] = str(world_size)
+    comm.build_shm_op = build_shm_op if shared else (lambda: None)
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl", verbose=False)
+    if not shared:
+        return
+    _shared_memory_all_reduce_used = True
+    backend = importlib.import_module("deepspeed.comm.comm").cdb
+    built = torch.tensor([int(backend.shm_comm_op is not None)])
+    dist.all_reduce(built, op=dist.ReduceOp.MIN)
+    if backend.shm_comm_op is not None and not built.item():
+        raise RuntimeError("DeepSpeed's shared-memory all-reduce was built on some ranks of the group and not on "
+                           "others: their all-reduces would never meet")
+    # Every rank has mapped every other's workspace once all are past init: the names can go, so that the
+    # memory is freed with the processes instead of staying in /dev/shm.
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_"
+            f"{dist.get_rank()}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
+    logger.info("tensor-parallel all-reduce: %s", all_reduce_path())
+
+
+def all_reduce_path() -> str:
+    """How this rank's group sums its partial products: `deepspeed_shared_memory` or `process_group`."""
+    backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+    return "deepspeed_shared_memory" if getattr(backend, "shm_comm_op", None) is not None else "process_group"
 
 
 def shard_model(model: torch.nn.Module, world_size: int, dtype: torch.dtype, device_type: str) -> torch.nn.Module:
     """This rank's shard of `model` (the group must exist: `group.join_process_group`)."""
-    _join_deepspeed(device_type)
+    _join_deepspeed(device_type, world_size)
     import deepspeed
 
     # init_inference casts the whole module to `dtype`, buffers included. The rotary frequencies must stay

@@ -79,9 +79,9 @@ def _join_deepspeed(device_type: str, world_size: int) -> None:
     """Let DeepSpeed's comm layer wrap the torch.distributed group that `group.py` created.
 
     On CPU, with every rank on one machine, the partial sums of o_proj, down_proj and the lm_head go through
-    DeepSpeed's shared-memory all-reduce: ~7 us for a decode step's activations here, where gloo's TCP
-    round trip between two processes takes 0.8-1.8 ms (the wake-up of a sleeping process on these VMs), and a
-    decode step makes 2 per layer (`docs/benchmarks.md`). It needs LOCAL_SIZE to say that all ranks are
+    DeepSpeed's shared-memory all-reduce: ~10 us for a decode step's activations on this project's machines,
+    where gloo's TCP round trip between two processes takes 1.2-1.5 ms (the wake-up of a sleeping process on
+    these VMs), and a decode step makes 2 per layer (`scripts/bench_all_reduce.py`). It needs LOCAL_SIZE to say that all ranks are
     local: without it the kernel runs on a workspace it never mapped, which is the segfault this project saw
     before. Elsewhere the process group's all-reduce.
     """

@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +59,8 @@ def _open_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of a weight file, without reading it: views of the memory-mapped file, whose pages are read
     (into the shared page cache, not this process's memory) only as a slice is cast."""
     if path.suffix != ".safetensors":
-        yield from torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()
+        # A legacy (non-zip) pickle cannot be mapped: it is read whole, once, by the one process converting it.
+        yield from torch.load(path, map_location="cpu", mmap=_mappable(path), weights_only=True).items()
         return
     # safetensors' own reader copies each tensor it returns into memory; these are views of the mapping.
     with open(path, "rb") as file:
@@ -79,14 +81,24 @@ def _open_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, flat.view(entry["shape"])
 
 
+def _mappable(path: Path) -> bool:
+    """Whether torch can memory-map the file: safetensors, or a pickle in torch.save's zip format (the default
+    since torch 1.6; older checkpoints are legacy pickles, which every rank would read into its own memory)."""
+    return path.suffix == ".safetensors" or zipfile.is_zipfile(path)
+
+
 def _needs_cast(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     return tensor.is_floating_point() and tensor.dtype != dtype
 
 
 def needs_conversion(folder: Path, dtype: torch.dtype) -> bool:
-    """Whether loading `folder` in `dtype` would cast (and so privately copy) a meaningful share of it."""
+    """Whether loading `folder` in `dtype` would cast (and so privately copy) a meaningful share of it, or read
+    a file that cannot be memory-mapped."""
+    files = weight_files(folder)
+    if not all(_mappable(path) for path in files):
+        return True
     total = cast = 0
-    for path in weight_files(folder):
+    for path in files:
         for _, tensor in _open_tensors(path):
             size = tensor.numel() * tensor.element_size()
             total += size
@@ -121,6 +133,10 @@ def memory_mappable_checkpoint(folder: str | Path, dtype: torch.dtype, cache_roo
         try:
             _convert(folder, sources, dtype, staging)
             staging.rename(target)
+        except OSError as error:  # a full or failing disk: the load still works, at the old cost
+            logger.warning("could not convert %s into %s (%s): loading it with a cast, which costs every rank a "
+                           "private copy of the model", folder, target, error)
+            return folder
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target

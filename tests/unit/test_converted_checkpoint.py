@@ -55,6 +55,31 @@ def test_the_converted_copy_is_the_model_cast_on_load(tmp_path, safetensors):
         assert torch.equal(converted(tokens).logits, cast_on_load(tokens).logits)
 
 
+def test_a_legacy_pickle_is_converted_even_in_the_served_dtype(tmp_path):
+    """torch cannot memory-map a pre-1.6 pickle: read in place, every rank would hold the whole model."""
+    source = build(tmp_path / "legacy", torch.float32, False)
+    state = torch.load(source / "pytorch_model.bin", weights_only=True)
+    torch.save(state, source / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    copy = memory_mappable_checkpoint(source, torch.float32, tmp_path / "cache")
+    assert copy != source.resolve()
+    converted = load(copy, torch.float32).state_dict()
+    for name, tensor in load(source, torch.float32).state_dict().items():
+        assert torch.equal(converted[name], tensor), name
+
+
+def test_a_failed_conversion_loads_with_a_cast_and_says_so(tmp_path, monkeypatch, caplog):
+    source = build(tmp_path / "fp32", torch.float32, True)
+
+    def full_disk(*args) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(converted_checkpoint, "_convert", full_disk)
+    with caplog.at_level(logging.WARNING, logger=converted_checkpoint.__name__):
+        assert memory_mappable_checkpoint(source, torch.bfloat16, tmp_path / "cache") == source.resolve()
+    assert "No space left" in caplog.text
+    assert [path.name for path in (tmp_path / "cache").iterdir() if path.is_dir()] == []  # no half copy
+
+
 def test_a_checkpoint_already_in_the_served_dtype_is_used_in_place(tmp_path):
     source = build(tmp_path / "bf16", torch.bfloat16, True)
     assert memory_mappable_checkpoint(source, torch.bfloat16, tmp_path / "cache") == source.resolve()

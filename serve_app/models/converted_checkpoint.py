@@ -109,7 +109,8 @@ def needs_conversion(folder: Path, dtype: torch.dtype) -> bool:
 def memory_mappable_checkpoint(folder: str | Path, dtype: torch.dtype, cache_root: Path | None = None) -> Path:
     """`folder` itself if its weights are in `dtype`, else its converted copy (made now if missing).
 
-    Falls back to `folder` (a cast on load, as before) with a warning where the cache's disk lacks room.
+    Falls back to `folder` (a cast on load, as before) with a warning where the cache's disk lacks room or
+    the conversion fails.
     """
     folder = Path(folder).resolve()
     if not needs_conversion(folder, dtype):

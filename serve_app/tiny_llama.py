@@ -63,10 +63,14 @@ CONFIG = {
 }
 
 
+def cache_root() -> Path:
+    """Where the project keeps what it builds on a node: `$LLAMA_SERVE_CACHE`, or `~/.cache/llama-serve`."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llama-serve")
+
+
 def default_checkpoint_dir() -> Path:
     """`$LLAMA_SERVE_CACHE/tiny-llama-2-chat`, or `~/.cache/llama-serve/tiny-llama-2-chat`."""
-    cache_root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llama-serve"
-    return Path(cache_root) / CHECKPOINT_NAME
+    return cache_root() / CHECKPOINT_NAME
 
 
 def _tokenizer_assets() -> Traversable:

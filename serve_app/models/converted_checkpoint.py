@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import shutil
 import tempfile
 import warnings
@@ -32,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from serve_app.tiny_llama import CACHE_ENV
+from serve_app.tiny_llama import cache_root
 
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
                       torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                       torch.bool: "BOOL", torch.float64: "F64"}
-TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+FROM_SAFETENSORS_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 # Rows are cast and written in pieces of about this size: the converting process's whole working set.
 CHUNK_BYTES = 32 * 2**20
 # Below this share of the weights' bytes, a cast on load costs less than converting the checkpoint.
@@ -70,7 +69,7 @@ def _open_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     header.pop("__metadata__", None)
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
-        dtype = TORCH_DTYPES[entry["dtype"]]
+        dtype = FROM_SAFETENSORS_DTYPES[entry["dtype"]]
         if end == begin:
             flat = torch.empty(0, dtype=dtype)
         else:
@@ -106,7 +105,7 @@ def needs_conversion(folder: Path, dtype: torch.dtype) -> bool:
     return total > 0 and cast > CONVERT_ABOVE_SHARE * total
 
 
-def memory_mappable_checkpoint(folder: str | Path, dtype: torch.dtype, cache_root: Path | None = None) -> Path:
+def memory_mappable_checkpoint(folder: str | Path, dtype: torch.dtype, cache: Path | None = None) -> Path:
     """`folder` itself if its weights are in `dtype`, else its converted copy (made now if missing).
 
     Falls back to `folder` (a cast on load, as before) with a warning where the cache's disk lacks room or
@@ -116,7 +115,7 @@ def memory_mappable_checkpoint(folder: str | Path, dtype: torch.dtype, cache_roo
     if not needs_conversion(folder, dtype):
         return folder
     sources = weight_files(folder)
-    root = cache_root or Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llama-serve") / "converted"
+    root = cache or cache_root() / "converted"
     target = root / _cache_key(folder, sources, dtype)
     root.mkdir(parents=True, exist_ok=True)
     with _node_lock(target.with_name(target.name + ".lock")):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -40,13 +41,14 @@ class ColumnParallelHead(torch.nn.Module):
         # .to(copy=True) makes the slice this rank's own tensor, so the full (memory-mapped) weight is dropped.
         weight = linear.weight.detach()[:, self.start:self.stop].to(dtype, copy=True).contiguous()
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        from deepspeed.comm import inference_all_reduce
+
+        self._all_reduce = inference_all_reduce
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        import deepspeed.comm
-
         partial = torch.nn.functional.linear(hidden[..., self.start:self.stop], self.weight)
         # DeepSpeed's, as its own row-parallel layers do: shared memory between CPU ranks, NCCL on GPUs.
-        deepspeed.comm.inference_all_reduce(partial)  # in place (it returns None on some paths)
+        self._all_reduce(partial)  # in place (it returns None on some paths)
         return partial
 
 
@@ -54,6 +56,8 @@ class ColumnParallelHead(torch.nn.Module):
 # process (a C++ static): a later group in the same process must not use it.
 _shared_memory_all_reduce_used = False
 _SHARED_MEMORY_WORKSPACE_BYTES = 66 * 2**20  # per rank, in /dev/shm (DeepSpeed 0.19's allreduce_workspace)
+# DeepSpeed's own builder of that kernel, kept while a group that must not use it replaces it with a no-op.
+_deepspeed_build_shm_op = None
 
 
 def _machine_id() -> str:
@@ -67,8 +71,7 @@ def _can_share_memory(world_size: int) -> bool:
     says so: all ranks must take the same path, or their collectives never meet."""
     machines: list[str | None] = [None] * world_size
     dist.all_gather_object(machines, _machine_id())
-    shm = Path("/dev/shm")
-    room = shm.is_dir() and os.statvfs(shm).f_bavail * os.statvfs(shm).f_frsize > 2 * world_size * \
+    room = Path("/dev/shm").is_dir() and shutil.disk_usage("/dev/shm").free > 2 * world_size * \
         _SHARED_MEMORY_WORKSPACE_BYTES
     able = torch.tensor([int(len(set(machines)) == 1 and room and not _shared_memory_all_reduce_used)])
     dist.all_reduce(able, op=dist.ReduceOp.MIN)
@@ -85,19 +88,18 @@ def _join_deepspeed(device_type: str, world_size: int) -> None:
     local: without it the kernel runs on a workspace it never mapped, which is the segfault this project saw
     before. Elsewhere the process group's all-reduce.
     """
-    global _shared_memory_all_reduce_used
+    global _shared_memory_all_reduce_used, _deepspeed_build_shm_op
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if device_type == "cpu" else "cuda")
     import deepspeed
 
     # importlib, because `import deepspeed.comm.torch as m` binds the `torch` package that
     # deepspeed.comm re-exports under that name, not DeepSpeed's module.
     comm = importlib.import_module("deepspeed.comm.torch")
-    build_shm_op = getattr(comm, "_llama_serve_build_shm_op", comm.build_shm_op)
-    comm._llama_serve_build_shm_op = build_shm_op
+    _deepspeed_build_shm_op = _deepspeed_build_shm_op or comm.build_shm_op
     shared = device_type == "cpu" and _can_share_memory(world_size)
     if shared:
         os.environ["LOCAL_SIZE"] = str(world_size)
-    comm.build_shm_op = build_shm_op if shared else (lambda: None)
+    comm.build_shm_op = _deepspeed_build_shm_op if shared else (lambda: None)
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl", verbose=False)
     if not shared:
         return

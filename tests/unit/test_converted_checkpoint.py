@@ -97,15 +97,26 @@ def test_the_copy_is_made_once_and_again_when_the_source_changes(tmp_path):
     assert memory_mappable_checkpoint(source, torch.float16, tmp_path / "cache") != first
 
 
+def _someone_waits_on(lock_file: Path) -> bool:
+    """Whether a process is blocked taking the file lock on `lock_file` (a `->` line of /proc/locks)."""
+    inode = f":{lock_file.stat().st_ino} "
+    return any("->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
 def _convert_in_child(source: str, cache: str, start, conversions, results) -> None:
     convert = converted_checkpoint._convert
 
-    def slow_convert(*args) -> None:  # long enough that the other rank arrives while this one converts
+    def convert_once_the_other_rank_arrived(*args) -> None:
         conversions.append(os.getpid())
-        time.sleep(2)
+        # The race is real only if the other rank tries while this one converts: hold the conversion until it
+        # is seen blocked on the lock, or (without a lock) converting too.
+        lock_file = next(Path(cache).glob("*.lock"))
+        deadline = time.monotonic() + 120
+        while not _someone_waits_on(lock_file) and len(conversions) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         convert(*args)
 
-    converted_checkpoint._convert = slow_convert
+    converted_checkpoint._convert = convert_once_the_other_rank_arrived
     start.wait()
     results.append(str(memory_mappable_checkpoint(source, torch.bfloat16, Path(cache))))
 

@@ -183,6 +183,19 @@ def test_tensor_parallel_two_ranks_match_generate(tiny_checkpoint, reference, se
         engine.shutdown()
 
 
+def test_a_step_larger_than_one_step_message_reaches_the_follower_whole(tiny_checkpoint, reference):
+    """A 3,000-token prefill packs past `STEP_MESSAGE_SIZE`: its rest crosses in a second broadcast."""
+    from serve_app.engine.model_runner import STEP_MESSAGE_SIZE
+
+    prompt = _random_prompts(1, seed=21, low=3000, high=3001)[0]
+    assert 3 * len(prompt) > STEP_MESSAGE_SIZE
+    engine = _engine(tiny_checkpoint, tp=2, max_model_len=4096, max_num_batched_tokens=4096)
+    try:
+        assert _run(engine, [prompt, prompt[:40]]) == {"r0": reference(prompt), "r1": reference(prompt[:40])}
+    finally:
+        engine.shutdown()
+
+
 def test_a_half_precision_tp_group_keeps_the_rotary_frequencies_in_float32(tiny_checkpoint):
     """DeepSpeed's init casts every buffer to the model's dtype; in bfloat16 the rotary frequencies would be
     off by up to ~0.4%, a phase error that grows with the position until long sequences attend wrongly."""

@@ -2,9 +2,9 @@
 
 Rank 0 packs the step — token ids, positions, cache slots, block tables, which rows sample — into one int64
 host tensor and broadcasts it over the group's host channel (`parallel/group.step_channel`: gloo, so it
-never touches a device on the way), with its header in one fixed-size message (`STEP_MESSAGE_SIZE`). Every rank, rank 0 included, copies it to its device in one
-non-blocking copy and runs the same forward on it; the all-reduces inside the sharded layers keep them in
-step. Nothing else crosses between ranks: no activations, no logits. So a step costs a follower no
+never touches a device on the way), with its header, in one fixed-size message (`STEP_MESSAGE_SIZE`).
+Every rank, rank 0 included, copies it to its device in one non-blocking copy and runs the same forward
+on it; the all-reduces inside the sharded layers keep them in step. Nothing else crosses between ranks: no activations, no logits. So a step costs a follower no
 device→host copy at all, and rank 0 one (its sampled token ids, `engine/sampler.py`). Followers (ranks > 0)
 loop in `follow()` until rank 0 broadcasts a shutdown. An idle rank 0 broadcasts heartbeats so a dead rank
 surfaces as a collective timeout instead of a silent hang.
@@ -47,7 +47,7 @@ HEADER_SIZE = 5  # kind, tokens, sequences, sampled rows, block-table width
 # Every broadcast on the step channel is this many int64s: the header, then as much of the payload as fits
 # (the rest, when a step is larger, follows in a second broadcast). One fixed-size message per step costs a
 # follower one wake-up instead of two (header, then payload); 64 KiB holds a decode step of 64 sequences
-# with 1,500-token block tables, and copying it is cheap next to the round trip.
+# of up to ~1,900 tokens of context, and copying it is cheap next to the round trip.
 STEP_MESSAGE_SIZE = 8192
 
 _STEP_SETTINGS = "engine.max_num_batched_tokens, engine.max_num_seqs or model.max_model_len"

@@ -5,8 +5,9 @@ host tensor and broadcasts it over the group's host channel (`parallel/group.ste
 never touches a device on the way), with its header, in one fixed-size message (`STEP_MESSAGE_SIZE`).
 Every rank, rank 0 included, copies it to its device in one non-blocking copy and runs the same forward
 on it; the all-reduces inside the sharded layers keep them in step. Nothing else crosses between ranks:
-no activations, no logits. So a step costs a follower no device→host copy at all, and rank 0 one (its sampled token ids, `engine/sampler.py`). Followers (ranks > 0)
-loop in `follow()` until rank 0 broadcasts a shutdown. An idle rank 0 broadcasts heartbeats so a dead rank
+no activations, no logits. So a step costs a follower no device→host copy at all, and rank 0 one (its
+sampled token ids, `engine/sampler.py`). Followers (ranks > 0) loop in `follow()` until rank 0 broadcasts a
+shutdown. An idle rank 0 broadcasts heartbeats so a dead rank
 surfaces as a collective timeout instead of a silent hang.
 
 Before the first request, every rank runs the largest steps the scheduler can make (`largest_steps`): a

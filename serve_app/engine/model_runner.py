@@ -7,8 +7,8 @@ Every rank, rank 0 included, copies it to its device in one non-blocking copy an
 on it; the all-reduces inside the sharded layers keep them in step. Nothing else crosses between ranks:
 no activations, no logits. So a step costs a follower no device→host copy at all, and rank 0 one (its
 sampled token ids, `engine/sampler.py`). Followers (ranks > 0) loop in `follow()` until rank 0 broadcasts a
-shutdown. An idle rank 0 broadcasts heartbeats so a dead rank
-surfaces as a collective timeout instead of a silent hang.
+shutdown. An idle rank 0 broadcasts heartbeats so a dead rank surfaces as a collective timeout instead of a
+silent hang.
 
 Before the first request, every rank runs the largest steps the scheduler can make (`largest_steps`): a
 step that would run out of device memory fails the group at start, with the settings to lower, instead of
@@ -115,6 +115,9 @@ class ModelRunner:
         self.model = llama.fuse_projections(model)  # this rank's shard, in the layout `llama.forward` runs
         self.rank = rank
         self.world_size = world_size
+        # Rank 0 sends every step message from it, a follower receives each into it (gloo's broadcast returns
+        # once the message has left or arrived, so one buffer serves every step).
+        self._step_message = torch.empty(STEP_MESSAGE_SIZE, dtype=torch.int64) if world_size > 1 else None
         self.device = next(model.parameters()).device
         self.block_size = engine.block_size
         self._decode_gather_tokens = engine.decode_gather_tokens
@@ -243,7 +246,7 @@ class ModelRunner:
         rank_step = step.packed()
         if self.world_size > 1:
             sizes = rank_step.sizes
-            _send([StepKind.RUN, sizes.tokens, sizes.seqs, sizes.samples, sizes.width], rank_step.payload)
+            self._send([StepKind.RUN, sizes.tokens, sizes.seqs, sizes.samples, sizes.width], rank_step.payload)
         return self._run(rank_step)
 
     def heartbeat(self) -> None:
@@ -254,14 +257,23 @@ class ModelRunner:
 
     def _broadcast_control(self, kind: StepKind) -> None:
         if self.world_size > 1:
-            _send([kind, 0, 0, 0, 0], torch.empty(0, dtype=torch.int64))
+            self._send([kind, 0, 0, 0, 0], torch.empty(0, dtype=torch.int64))
+
+    def _send(self, header: list[int], payload: torch.Tensor) -> None:
+        """Rank 0's side of `_receive`: one fixed-size message, and the payload's rest if it is larger."""
+        message, inline = self._step_message, min(payload.numel(), STEP_MESSAGE_SIZE - HEADER_SIZE)
+        message[:HEADER_SIZE] = torch.tensor(header, dtype=torch.int64)
+        message[HEADER_SIZE:HEADER_SIZE + inline] = payload[:inline]
+        group = step_channel()
+        dist.broadcast(message, src=0, group=group)
+        if inline < payload.numel():
+            dist.broadcast(payload[inline:].contiguous(), src=0, group=group)
 
     # -- ranks > 0 --------------------------------------------------------------------------------------------
 
     def follow(self) -> None:
-        message = torch.empty(STEP_MESSAGE_SIZE, dtype=torch.int64)
         while True:
-            step = self._receive(message)
+            step = self._receive(self._step_message)
             if step is StepKind.SHUTDOWN:
                 return
             if step is not StepKind.HEARTBEAT:
@@ -303,18 +315,6 @@ class ModelRunner:
                                      self._decode_gather_tokens, paged=self._paged_decode)
         return llama.forward(self.model, self.kv_cache if kv_cache is None else kv_cache, ids, positions, batch,
                              rows)
-
-
-def _send(header: list[int], payload: torch.Tensor) -> None:
-    """Rank 0's side of `ModelRunner._receive`: one fixed-size message, and the payload's rest if it is larger."""
-    inline = min(payload.numel(), STEP_MESSAGE_SIZE - HEADER_SIZE)
-    message = torch.zeros(STEP_MESSAGE_SIZE, dtype=torch.int64)
-    message[:HEADER_SIZE] = torch.tensor(header, dtype=torch.int64)
-    message[HEADER_SIZE:HEADER_SIZE + inline] = payload[:inline]
-    group = step_channel()
-    dist.broadcast(message, src=0, group=group)
-    if inline < payload.numel():
-        dist.broadcast(payload[inline:].contiguous(), src=0, group=group)
 
 
 def _paged_decode_attention(setting: str, device: torch.device) -> bool:

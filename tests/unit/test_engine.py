@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.engine import Engine, start_engine
+from serve_app.engine.model_runner import STEP_MESSAGE_SIZE
 from serve_app.engine.sampler import PenaltyTable, SamplingBatch, sample
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import ChoiceId, EngineRequest, FinishReason, RequestOutput, Sequence
@@ -185,8 +186,6 @@ def test_tensor_parallel_two_ranks_match_generate(tiny_checkpoint, reference, se
 
 def test_a_step_larger_than_one_step_message_reaches_the_follower_whole(tiny_checkpoint, reference):
     """A 3,000-token prefill packs past `STEP_MESSAGE_SIZE`: its rest crosses in a second broadcast."""
-    from serve_app.engine.model_runner import STEP_MESSAGE_SIZE
-
     prompt = _random_prompts(1, seed=21, low=3000, high=3001)[0]
     assert 3 * len(prompt) > STEP_MESSAGE_SIZE
     engine = _engine(tiny_checkpoint, tp=2, max_model_len=4096, max_num_batched_tokens=4096)

@@ -30,11 +30,16 @@ def timed(call, repeats: int) -> dict[str, float]:
             "cpu_us": (time.process_time() - cpu) / repeats * 1e6}
 
 
-def rank_main(rank: int, port: int, sizes: list[int], repeats: int, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def rank_main(rank: int, address, listener, sizes: list[int], repeats: int, results) -> None:
+    from serve_app.config import EngineConfig
+    from serve_app.parallel.group import join_process_group
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    if rank != 0:
+        listener.close()  # every rank was given a copy; rank 0's store serves on it
+        listener = None
+    join_process_group(address, rank, EngineConfig(device="cpu", kv_cache_bytes=1, cpu_threads_per_rank=1),
+                       device_index=rank, listener=listener)
     figures = {}
     for size in sizes:
         tensor = torch.randn(1, size)
@@ -65,11 +70,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1000)
     parser.add_argument("--out")
     args = parser.parse_args()
-    from serve_app.parallel.group import free_address
+    from serve_app.parallel.group import reserve_address
 
+    address, listener = reserve_address(2)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(rank_main, args=(free_address(2).master_port, args.sizes, args.repeats, results), nprocs=2)
+        mp.spawn(rank_main, args=(address, listener, args.sizes, args.repeats, results), nprocs=2)
         figures = dict(results)
     print(json.dumps(figures, indent=2))
     if args.out:

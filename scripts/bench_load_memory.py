@@ -33,7 +33,7 @@ import torch
 
 from serve_app.config import EngineConfig, ModelConfig
 from serve_app.engine.worker import load_rank_model
-from serve_app.parallel.group import free_address, join_process_group, leave_process_group
+from serve_app.parallel.group import join_process_group, leave_process_group, reserve_address
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -59,8 +59,8 @@ def build_checkpoint(folder: Path, hidden: int, intermediate: int, layers: int, 
         torch.save(model.state_dict(), folder / "pytorch_model.bin")
 
 
-def measure_rank(address, rank: int, model: ModelConfig, engine: EngineConfig, results) -> None:
-    join_process_group(address, rank, engine)
+def measure_rank(address, rank: int, listener, model: ModelConfig, engine: EngineConfig, results) -> None:
+    join_process_group(address, rank, engine, listener=listener)
     import deepspeed  # noqa: F401  (code every rank imports whatever it loads)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
@@ -113,14 +113,17 @@ def main() -> None:
         model = ModelConfig(source=folder, served_model_id="memory", dtype=args.dtype,
                             tensor_parallel_size=args.tp, max_model_len=256)
         engine = EngineConfig(device="cpu", kv_cache_bytes=1, cpu_threads_per_rank=1)
-        address = free_address(args.tp)
+        address, listener = reserve_address(args.tp)
         context = multiprocessing.get_context("spawn")
         with context.Manager() as manager:
             results = manager.dict()
-            ranks = [context.Process(target=measure_rank, args=(address, rank, model, engine, results))
+            ranks = [context.Process(target=measure_rank, args=(address, rank, listener if rank == 0 else None,
+                                                                model, engine, results))
                      for rank in range(args.tp)]
             for process in ranks:
                 process.start()
+            if listener is not None:
+                listener.close()  # rank 0 has its own copy
             for process in ranks:
                 process.join()
             per_rank = [dict(results[rank]) for rank in range(args.tp)]

@@ -19,6 +19,7 @@ waits here, so neither a step nor the loop waits for a grammar.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_futures
@@ -252,11 +253,12 @@ def prepare_step(chunks: list[ScheduledChunk], block_size: int) -> tuple[StepInp
 
 
 def build_engine(model: ModelConfig, engine: EngineConfig, address: GroupAddress,
-                 group: TensorParallelGroup | None = None) -> Engine:
+                 group: TensorParallelGroup | None = None, *, listener: socket.socket | None = None) -> Engine:
     """Rank 0 of the group at `address`, and its engine, in this process: join the followers, load this
-    rank's model, warm up. `group`, when this process owns the followers, goes to the engine."""
+    rank's model, warm up. `group`, when this process owns the followers, goes to the engine; `listener`
+    holds the group's port (`TensorParallelGroup.take_listener`; None at tp=1)."""
     started = time.monotonic()
-    join_process_group(address, 0, engine)
+    join_process_group(address, 0, engine, listener=listener)
     hf_model = load_rank_model(model, engine, address.world_size)
     runner = ModelRunner(hf_model, model, engine, 0, address.world_size)
     eos = hf_model.generation_config.eos_token_id
@@ -273,7 +275,7 @@ def start_engine(model: ModelConfig, engine: EngineConfig, *, use_ray: bool = Fa
     (local processes, or Ray actors in the caller's placement group) and owned by the engine."""
     group = TensorParallelGroup.launch(model, engine, run_worker, use_ray=use_ray)
     try:
-        return build_engine(model, engine, group.address, group)
+        return build_engine(model, engine, group.address, group, listener=group.take_listener())
     except BaseException:
         group.stop(timeout_s=0.0)
         raise

@@ -4,7 +4,8 @@
 bundles, or, without Ray, local processes — each running a given worker function (the engine's
 `engine/worker.py`), and says where rank 0 must join them (`address`). The object is the group's owner: it
 tells whether every follower still runs (`failure`), and stops them (`stop`). Rank 0 itself joins with
-`join_process_group` wherever its engine runs: the owner's process, or a child process of the owner's.
+`join_process_group` wherever its engine runs: the owner's process, or a child process of the owner's, with
+the listening socket that has held the group's port since it was chosen (`take_listener`).
 
 Every rank joins one process group (`gloo` on CPU, `nccl` on GPU) with a collective timeout, and on GPU a
 second, `gloo` one for the step descriptions rank 0 sends (`step_channel`). The only
@@ -47,12 +48,19 @@ _step_channel: dist.ProcessGroup | None = None
 Worker = Callable[[GroupAddress, int, int, ModelConfig, EngineConfig], None]
 
 
-def free_address(world_size: int) -> GroupAddress:
-    host = "127.0.0.1" if world_size == 1 else _node_ip()
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port = sock.getsockname()[1]
-    return GroupAddress(host, port, world_size)
+def reserve_address(world_size: int) -> tuple[GroupAddress, socket.socket | None]:
+    """Where a group will meet, and the listening socket that holds its port until rank 0's store takes it
+    over (None at world size 1: nobody meets).
+
+    The port stays bound from the moment it is chosen: a port found free and released would be free for any
+    process on the machine (Ray's own connections among them) to take before rank 0 bound it again, and the
+    group would fail to start with EADDRINUSE. Followers may connect before rank 0 runs: the kernel queues
+    them on this socket. The socket travels to a spawned rank 0 as a process argument.
+    """
+    if world_size == 1:
+        return GroupAddress("127.0.0.1", 0, 1), None
+    listener = socket.create_server((_node_ip(), 0), backlog=max(16, 2 * world_size))
+    return GroupAddress(listener.getsockname()[0], listener.getsockname()[1], world_size), listener
 
 
 def _node_ip() -> str:
@@ -66,11 +74,14 @@ def _node_ip() -> str:
     return "127.0.0.1"
 
 
-def join_process_group(address: GroupAddress, rank: int, engine: EngineConfig, *, device_index: int = 0) -> None:
+def join_process_group(address: GroupAddress, rank: int, engine: EngineConfig, *, device_index: int = 0,
+                       listener: socket.socket | None = None) -> None:
     """Join the process group as `rank`; blocks until every rank has joined.
 
     `device_index` is this rank's GPU among those its process sees: 0 under Ray, which shows each rank's
     process only its own GPU (CUDA_VISIBLE_DEVICES), and the rank itself in a local group on one machine.
+    `listener`: rank 0's socket from `reserve_address` (required there when the group has followers; this
+    call closes it).
     """
     if engine.device == "cuda":
         torch.cuda.set_device(device_index)
@@ -83,15 +94,31 @@ def join_process_group(address: GroupAddress, rank: int, engine: EngineConfig, *
     if address.world_size == 1:
         return
     timeout = datetime.timedelta(seconds=engine.collective_timeout_s)
-    dist.init_process_group(
-        backend="gloo" if engine.device == "cpu" else "nccl",
-        init_method=f"tcp://{address.master_addr}:{address.master_port}",
-        rank=rank, world_size=address.world_size, timeout=timeout)
+    store = _rendezvous_store(address, rank, timeout, listener)
+    dist.init_process_group(backend="gloo" if engine.device == "cpu" else "nccl", store=store, rank=rank,
+                            world_size=address.world_size, timeout=timeout)
     global _step_channel
     # Each step's description is host data that every rank needs on the host (its Python control flow) and
     # on its device. Over NCCL it would go to rank 0's device, then to each follower's device and back to
     # its host: a device sync per step on every follower. Over gloo it stays in host memory.
     _step_channel = dist.new_group(backend="gloo", timeout=timeout) if engine.device == "cuda" else None
+
+
+def _rendezvous_store(address: GroupAddress, rank: int, timeout: datetime.timedelta,
+                      listener: socket.socket | None) -> dist.TCPStore:
+    """Rank 0 serves the group's key-value store on the reserved socket; followers connect to it."""
+    if rank != 0:
+        return dist.TCPStore(address.master_addr, address.master_port, address.world_size, is_master=False,
+                             timeout=timeout)
+    if listener is None:
+        raise ValueError("rank 0 of a tensor-parallel group joins with the listening socket that "
+                         "reserve_address returned (TensorParallelGroup.take_listener)")
+    try:
+        # The store owns what it is given and closes it when it ends: give it a copy of the socket.
+        return dist.TCPStore(address.master_addr, address.master_port, address.world_size, is_master=True,
+                             timeout=timeout, master_listen_fd=os.dup(listener.fileno()))
+    finally:
+        listener.close()
 
 
 def step_channel() -> dist.ProcessGroup | None:
@@ -111,18 +138,30 @@ def leave_process_group() -> None:
 class TensorParallelGroup:
     """The follower ranks of one group, started and owned by one process; at tp=1 there are none."""
 
-    def __init__(self, address: GroupAddress, ranks: _LocalRanks | _RayRanks | None):
+    def __init__(self, address: GroupAddress, ranks: _LocalRanks | _RayRanks | None,
+                 listener: socket.socket | None = None):
         self.address = address
         self._ranks = ranks
+        self._listener = listener
 
     @classmethod
     def launch(cls, model: ModelConfig, engine: EngineConfig, worker: Worker, *, use_ray: bool
                ) -> TensorParallelGroup:
         """Start ranks 1..N-1 running `worker`, waiting for rank 0 at the returned group's `address`."""
-        address = free_address(model.tensor_parallel_size)
-        if address.world_size == 1:
+        address, listener = reserve_address(model.tensor_parallel_size)
+        if listener is None:
             return cls(address, None)
-        return cls(address, (_RayRanks if use_ray else _LocalRanks)(address, worker, model, engine))
+        try:
+            return cls(address, (_RayRanks if use_ray else _LocalRanks)(address, worker, model, engine), listener)
+        except BaseException:
+            listener.close()
+            raise
+
+    def take_listener(self) -> socket.socket | None:
+        """The socket holding the group's port, for the process that joins as rank 0 (`join_process_group`);
+        handed out once. None at tp=1."""
+        listener, self._listener = self._listener, None
+        return listener
 
     def failure(self) -> str | None:
         """Which follower has ended, and how; None while all run (they only end on shutdown or failure)."""
@@ -134,6 +173,9 @@ class TensorParallelGroup:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Wait up to `timeout_s` for the followers to end (rank 0 has broadcast the shutdown, or died), then
         kill what is left. At once (`timeout_s=0`) for a group that failed to start."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._ranks is not None:
             self._ranks.stop(timeout_s)
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import queue
+import socket
 import threading
 import time
 import traceback
@@ -50,8 +51,11 @@ class EngineProcess:
         self.group = TensorParallelGroup.launch(model, engine, run_worker, use_ray=use_ray)
         context = multiprocessing.get_context("spawn")  # a forked child would inherit Ray's and torch's threads
         self._pipe, child_end = context.Pipe()
+        # Rank 0's listening socket goes to the child with its arguments (spawn duplicates it there).
+        self._listener = self.group.take_listener()
         self._process = context.Process(target=_engine_process_main, name="llama-engine", daemon=True,
-                                        args=(child_end, model, engine, self.group.address, title))
+                                        args=(child_end, model, engine, self.group.address, self._listener,
+                                              title))
         self._child_end = child_end
         self._commands: queue.SimpleQueue = queue.SimpleQueue()  # (pickled command, is it StopEngine)
         self._writer = threading.Thread(target=self._write, name="engine-commands", daemon=True)
@@ -73,6 +77,9 @@ class EngineProcess:
         except BaseException:
             self.group.stop(timeout_s=0.0)
             raise
+        finally:
+            if self._listener is not None:  # the child holds its own copy now, or will never run
+                self._listener.close()
         self._child_end.close()  # so that the child's exit reads as end-of-file here
         ready = self._wait_until_built()
         if ready.failure is not None:
@@ -189,7 +196,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _engine_process_main(pipe: Connection, model: ModelConfig, engine_config: EngineConfig,
-                         address: GroupAddress, title: str) -> None:
+                         address: GroupAddress, listener: socket.socket | None, title: str) -> None:
     try:
         import setproctitle
     except ImportError:  # a machine with only the engine's own dependencies (a benchmark box): keep Python's
@@ -198,7 +205,7 @@ def _engine_process_main(pipe: Connection, model: ModelConfig, engine_config: En
         setproctitle.setproctitle(title)
     logging.basicConfig(level=logging.INFO)
     try:
-        engine = build_engine(model, engine_config, address)
+        engine = build_engine(model, engine_config, address, listener=listener)
     except BaseException:  # noqa: BLE001 - the parent raises it
         pipe.send(StepReport(None, failure=traceback.format_exc()))
         return

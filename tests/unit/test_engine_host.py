@@ -5,9 +5,11 @@ tp=1 and at tp=2 with followers the replica started, and a dead engine or a dead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -162,7 +164,14 @@ def test_stopping_the_engine_fails_open_streams_with_a_503(runner, tiny_checkpoi
 
 
 def test_tp2_engine_process_joins_the_followers_its_replica_started(runner, tiny_checkpoint, greedy_reference):
-    client = _start(runner, tiny_checkpoint, tp=2)
+    host = EngineProcess(*_configs(tiny_checkpoint, tp=2), use_ray=False)
+    # Between the followers' launch and rank 0's join any process may take a free port (Ray's own connections
+    # do): the group's port must be held from the moment it was chosen, or rank 0 fails with EADDRINUSE.
+    with socket.socket() as squatter:
+        with contextlib.suppress(OSError):
+            squatter.bind((host.group.address.master_addr, host.group.address.master_port))
+            squatter.listen()
+        client = runner.run(_client(host))
     followers = client.host.group.local_processes  # started in this process, as the replica starts its actors
     try:
         assert client.healthy() and followers

@@ -159,7 +159,7 @@ def test_a_follower_rank_never_reads_from_its_device_and_rank_0_stays_in_bound(t
     model, engine_config = _configs(tiny_checkpoint, tp=2)
     group = TensorParallelGroup.launch(model, engine_config, counting_follower, use_ray=False)
     try:
-        engine = build_engine(model, engine_config, group.address, group)
+        engine = build_engine(model, engine_config, group.address, group, listener=group.take_listener())
     except BaseException:
         group.stop(timeout_s=0.0)
         raise

@@ -11,7 +11,7 @@ the Serve controller, HAProxy and the proxy actor — the serving path, summed a
 from it, the engine (its process, `llama_serve::engine`, and follower ranks, `ray::RankActor`) and Ray's own
 daemons (raylet, GCS, dashboard, agents).
 
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 serve run configs/tiny.yaml &
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5 serve run configs/tiny.yaml &
     python scripts/bench_serving_cpu.py --streams 1 32 --out cpu.json
 """
 

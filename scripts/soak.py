@@ -15,7 +15,7 @@ really generates them). Reported at the end, and as JSON with `--out`:
   controller, Ray daemons; as `bench_serving_cpu.py` names them) at the start, after a warm-up minute and at
   the end: steady growth after the warm-up is a leak.
 
-    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 serve run configs/tiny.yaml &
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5 serve run configs/tiny.yaml &
     python scripts/soak.py --streams 100 --minutes 10 --out soak.json
 """
 

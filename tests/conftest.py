@@ -17,6 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # before Ray is imported, because Serve reads them at import.
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")  # as the README starts it (docs/deploy.md)
 # Without a GPU, Triton kernels (the CUDA decode attention) run in Triton's interpreter, on the CPU. Triton
 # reads this when it is first imported, so it is set before anything can import it.
 if shutil.which("nvidia-smi") is None:

@@ -6,8 +6,14 @@ TorchDispatchMode on CPU — the same ops a GPU would launch — on the tiny def
 ops per decoder layer (a forward with every layer less a forward with one, over the difference), ops outside
 the layers, the sampler's, and the median wall time of a whole engine step at each batch size.
 
+`--torch-compile` also times the step with the model's forward (`llama.forward`) compiled by `torch.compile`
+(dynamic shapes, inductor; its CPU backend fuses elementwise ops into C++ loops), alternating with the eager
+forward in the same process, and reports the compile time, the graphs and graph breaks dynamo made, and the
+largest logit difference between the two on the same step. An experiment, not an engine setting (yet).
+
     python scripts/bench_decode_ops.py
     python scripts/bench_decode_ops.py --batch 1 32 --out ops.json
+    python scripts/bench_decode_ops.py --batch 1 32 --torch-compile
 """
 
 from __future__ import annotations
@@ -74,7 +80,62 @@ def _count_forward(engine: Engine, num_layers: int) -> Counter[str]:
     return calls[0]
 
 
-def measure(checkpoint: str, batch: int, steps: int) -> dict:
+def _median_step_ms(engine: Engine, steps: int) -> float:
+    durations = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()
+        durations.append(time.perf_counter() - started)
+    return statistics.median(durations) * 1e3
+
+
+def _compiled_forward():
+    """`llama.forward` through torch.compile. Under no_grad, not inference_mode: a compiled graph cannot write
+    the KV cache from inference mode (AOT autograd fails: "Cannot set version_counter for inference tensor")."""
+    compiled = torch.compile(llama.forward.__wrapped__, dynamic=True)
+
+    def forward(*args):
+        with torch.no_grad():
+            return compiled(*args)
+    return forward
+
+
+def compare_compiled(engine: Engine, steps: int, compiled) -> dict:
+    """Eager and compiled steps alternating (twice each, `steps` a turn), on the engine's running batch."""
+    from torch._dynamo.utils import counters
+
+    eager = llama.forward
+    captured = []
+
+    def capture(*args):
+        captured.append(args)
+        return eager(*args)
+    llama.forward = capture
+    try:
+        engine.step()
+        # The same step's forward again: it rewrites the same KV slots with the same values.
+        args = captured[0]
+        reference = eager(*args)
+        started = time.perf_counter()
+        difference = (compiled(*args) - reference).abs().max().item()
+        compile_s = time.perf_counter() - started
+        llama.forward = compiled
+        engine.step()  # a decode step of this batch as it will repeat (positions move on)
+        turns = []
+        for _ in range(2):
+            llama.forward = eager
+            eager_ms = _median_step_ms(engine, steps)
+            llama.forward = compiled
+            turns.append({"eager_step_ms": round(eager_ms, 2),
+                          "compiled_step_ms": round(_median_step_ms(engine, steps), 2)})
+    finally:
+        llama.forward = eager
+    return {"first_call_s": round(compile_s, 1), "max_logit_difference": difference, "turns": turns,
+            "graphs_so_far": counters["stats"]["unique_graphs"],
+            "graph_breaks_so_far": dict(counters["graph_break"])}
+
+
+def measure(checkpoint: str, batch: int, steps: int, compiled=None) -> dict:
     engine = _decoding_engine(checkpoint, batch)
     try:
         num_layers = len(engine.runner.model.model.layers)
@@ -82,21 +143,20 @@ def measure(checkpoint: str, batch: int, steps: int) -> dict:
         per_layer = (sum(full.values()) - sum(one.values())) / (num_layers - 1)
         with OpCounter() as counter:
             engine.step()
-        durations = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            engine.step()
-            durations.append(time.perf_counter() - started)
+        step_ms = _median_step_ms(engine, steps)
         layer_ops = full - one
-        return {
+        figures = {
             "batch": batch,
             "ops_per_decode_layer": per_layer,
             "ops_outside_layers": sum(one.values()) - per_layer,
             "ops_per_step": sum(counter.ops.values()),
             "ops_per_step_outside_forward": sum(counter.ops.values()) - sum(full.values()),
-            "step_ms_median": statistics.median(durations) * 1e3,
+            "step_ms_median": step_ms,
             "layer_ops": {name: count / (num_layers - 1) for name, count in layer_ops.most_common()},
         }
+        if compiled is not None:
+            figures["torch_compile"] = compare_compiled(engine, steps, compiled)
+        return figures
     finally:
         engine.shutdown()
 
@@ -106,10 +166,14 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=TINY_MODEL_SOURCE)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--steps", type=int, default=50, help="timed decode steps per batch size")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="also time the step with the forward compiled (see above)")
     parser.add_argument("--out", help="also write the figures here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    figures = {"torch": torch.__version__, "results": [measure(args.checkpoint, b, args.steps) for b in args.batch]}
+    compiled = _compiled_forward() if args.torch_compile else None
+    figures = {"torch": torch.__version__,
+               "results": [measure(args.checkpoint, b, args.steps, compiled) for b in args.batch]}
     print(json.dumps(figures, indent=2))
     if args.out:
         with open(args.out, "w") as handle:

@@ -67,30 +67,38 @@ def cpu_by_kind(app: str) -> dict[str, float]:
     return totals
 
 
-async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, output_len: int) -> int:
+async def one_stream(client: httpx.AsyncClient, model: str, prompt: str, output_len: int) -> tuple[int, int]:
+    """(output tokens, SSE chunks that carried content) of one streamed request."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": output_len,
             "temperature": 0, "logit_bias": {"2": -100}, "stream": True, "stream_options": {"include_usage": True}}
-    tokens = 0
+    tokens = chunks = 0
     async with client.stream("POST", "/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
-                usage = json.loads(line[len("data: "):]).get("usage")
+                chunk = json.loads(line[len("data: "):])
+                usage = chunk.get("usage")
                 if usage:
                     tokens = usage["completion_tokens"]
-    return tokens
+                if any(choice.get("delta", {}).get("content") for choice in chunk.get("choices", ())):
+                    chunks += 1
+    return tokens, chunks
 
 
-async def load(base_url: str, model: str, streams: int, requests_per_stream: int, output_len: int) -> int:
+async def load(base_url: str, model: str, streams: int, requests_per_stream: int, output_len: int
+               ) -> tuple[int, int]:
+    """(output tokens, content chunks) over every request."""
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
-        async def stream_worker(worker: int) -> int:
-            done = 0
+        async def stream_worker(worker: int) -> tuple[int, int]:
+            tokens = chunks = 0
             for index in range(requests_per_stream):
                 prompt = f"Request {worker}-{index}: tell me about the rivers and mountains of Europe."
-                done += await one_stream(client, model, prompt, output_len)
-            return done
+                done = await one_stream(client, model, prompt, output_len)
+                tokens, chunks = tokens + done[0], chunks + done[1]
+            return tokens, chunks
 
-        return sum(await asyncio.gather(*(stream_worker(w) for w in range(streams))))
+        counts = await asyncio.gather(*(stream_worker(w) for w in range(streams)))
+        return sum(tokens for tokens, _ in counts), sum(chunks for _, chunks in counts)
 
 
 def main() -> None:
@@ -108,16 +116,18 @@ def main() -> None:
     results = {}
     for streams in args.streams:
         before, started = cpu_by_kind(args.app), time.monotonic()
-        tokens = asyncio.run(load(args.base_url, args.model, streams, args.requests_per_stream, args.output_len))
+        tokens, chunks = asyncio.run(load(args.base_url, args.model, streams, args.requests_per_stream,
+                                          args.output_len))
         after, elapsed = cpu_by_kind(args.app), time.monotonic() - started
         per_token = {kind: (after.get(kind, 0.0) - before.get(kind, 0.0)) / tokens * 1e6 for kind in after}
         per_token["serving_path"] = sum(per_token.get(kind, 0.0) for kind in SERVING_PATH)
         results[f"streams_{streams}"] = {"output_tokens": tokens, "wall_s": round(elapsed, 2),
                                          "tok_s": round(tokens / elapsed, 1),
+                                         "tokens_per_chunk": round(tokens / max(chunks, 1), 2),
                                          "cpu_us_per_token": {k: round(v, 1) for k, v in sorted(per_token.items())}}
         shown = ", ".join(f"{kind} {value:.0f}" for kind, value in sorted(per_token.items()))
         print(f"{streams:>3} streams: {tokens} tokens in {elapsed:.1f} s ({tokens / elapsed:.0f} tok/s); "
-              f"CPU us per output token: {shown}", flush=True)
+              f"{tokens / max(chunks, 1):.1f} tokens per SSE chunk; CPU us per output token: {shown}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

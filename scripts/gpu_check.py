@@ -31,8 +31,13 @@ import platform
 import random
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+# Runnable from a plain checkout (a GPU machine with torch and transformers but without this package installed):
+# the repository root, one folder up, is where `serve_app` is.
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 try:
     import transformers
@@ -46,7 +51,8 @@ try:
     from serve_app.engine.sequence import ChoiceId, EngineRequest
     from serve_app.tiny_llama import ensure_tiny_llama
 except ImportError as missing:
-    sys.exit(f"gpu_check needs torch, transformers and pydantic (pip install -e . installs them): {missing}")
+    sys.exit(f"gpu_check needs torch, transformers and pydantic (`pip install -e .` installs them; on a machine "
+             f"without a package index, carry pydantic's four wheels: docs/benchmarks.md, GPU): {missing}")
 
 SHAPES = {
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32},

@@ -5,8 +5,11 @@ step's `AttentionBatch` (where each sequence's tokens sit, its context length, i
 attention output for every token, with the step's keys and values written into the cache first.
 
 `KVCache` is one rank's storage, one key and one value tensor per layer shaped
-`[num_blocks, block_size, kv_heads_on_this_rank, head_dim]`, so a token's slot is
-`block * block_size + offset`. Which blocks belong to whom is the engine's bookkeeping
+`[kv_heads_on_this_rank, num_blocks, block_size, head_dim]` (head-major), so a token's slot is
+`block * block_size + offset` in every head. Head-major because attention reads one head's context at a
+time: gathered, a row's keys come out `[heads, context, head_dim]` with each head's context contiguous, the
+layout SDPA's CPU kernel reads fastest (with the token-major layout it took ~4x longer on the same data);
+the Triton kernel reads either through strides. Which blocks belong to whom is the engine's bookkeeping
 (`engine/block_manager.py`); this module only reads and writes the slots it is given.
 
 Steps are ragged, never padded: prefill chunks are attended one sequence at a time, causal (aligned to the
@@ -51,22 +54,35 @@ class KVCache:
 
     def __init__(self, shape: KVCacheShape, dtype: torch.dtype, device: torch.device):
         self.shape = shape
-        size = (shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
+        size = (shape.num_kv_heads, shape.num_blocks, shape.block_size, shape.head_dim)
         self.keys = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
         self.values = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.num_layers)]
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store `[T, heads, head_dim]` keys and values at flat slot indices `[T]`."""
-        flat = (-1, self.shape.num_kv_heads, self.shape.head_dim)
-        self.keys[layer].view(flat).index_copy_(0, slots, keys)
-        self.values[layer].view(flat).index_copy_(0, slots, values)
+        flat = (self.shape.num_kv_heads, -1, self.shape.head_dim)
+        self.keys[layer].view(flat).index_copy_(1, slots, keys.transpose(0, 1))
+        self.values[layer].view(flat).index_copy_(1, slots, values.transpose(0, 1))
 
     def read(self, layer: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `length` keys and values of one sequence, `[length, heads, head_dim]` each."""
-        flat = (-1, self.shape.num_kv_heads, self.shape.head_dim)
-        keys = self.keys[layer].index_select(0, block_table).view(flat)[:length]
-        values = self.values[layer].index_select(0, block_table).view(flat)[:length]
-        return keys, values
+        """The first `length` keys and values of one sequence, `[heads, length, head_dim]` each."""
+        return (self._gather(self.keys[layer], block_table, 1)[0, :, :length],
+                self._gather(self.values[layer], block_table, 1)[0, :, :length])
+
+    def gather(self, layer: int, blocks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `rows` rows whose block tables, all of one width, are `blocks` (flat):
+        `[rows, heads, width * block_size, head_dim]` each, a copy."""
+        return self._gather(self.keys[layer], blocks, rows), self._gather(self.values[layer], blocks, rows)
+
+    def _gather(self, storage: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
+        # index_select copies whole blocks of each head; advanced indexing is ~3x slower on CPU.
+        heads, _, _, head_dim = storage.shape
+        return storage.index_select(1, blocks).view(heads, rows, -1, head_dim).transpose(0, 1)
+
+    def blocks_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s keys and values as `[num_blocks, block_size, heads, head_dim]` views (no copy), the
+        layout the Triton kernel indexes by strides."""
+        return self.keys[layer].permute(1, 2, 0, 3), self.values[layer].permute(1, 2, 0, 3)
 
     @property
     def capacity_tokens(self) -> int:
@@ -187,20 +203,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         start, stop = batch.query_starts[b], batch.query_starts[b + 1]
         query_len = stop - start
         if query_len == context_len:  # the whole context is in this step: no cache read needed
-            keys, values = k[start:stop], v[start:stop]
+            keys, values = k[start:stop].transpose(0, 1), v[start:stop].transpose(0, 1)  # [heads, L, D]
             causal = {"is_causal": query_len > 1}
         else:
             keys, values = kv_cache.read(layer, batch.block_tables[b], context_len)
             causal = {"attn_mask": causal_lower_right(query_len, context_len)}
         out[start:stop] = F.scaled_dot_product_attention(
-            q[start:stop].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            scale=scale, enable_gqa=gqa, **causal)[0].transpose(0, 1)
+            q[start:stop].transpose(0, 1)[None], keys[None], values[None], scale=scale, enable_gqa=gqa,
+            **causal)[0].transpose(0, 1)
     for group in batch.decode_groups:
         _batched_decode(q, out, kv_cache, layer, group, scale, gqa)
     if batch.paged_decode is not None:
         rows = batch.paged_decode
-        result = paged_decode(q.index_select(0, rows.tokens), kv_cache.keys[layer], kv_cache.values[layer],
-                              rows.block_tables, rows.context_lens, scale)
+        result = paged_decode(q.index_select(0, rows.tokens), *kv_cache.blocks_view(layer), rows.block_tables,
+                              rows.context_lens, scale)
         out.index_copy_(0, rows.tokens, result)
     return out
 
@@ -217,9 +233,10 @@ def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
         return paged_decode_attention(q, key_cache, value_cache, block_tables, context_lens, scale)
     rows, width = block_tables.shape
     block_size, kv_heads, head_dim = key_cache.shape[1:]
-    shape = (rows, width * block_size, kv_heads, head_dim)
-    keys = key_cache.index_select(0, block_tables.flatten()).view(shape).transpose(1, 2)
-    values = value_cache.index_select(0, block_tables.flatten()).view(shape).transpose(1, 2)
+    # Back to the cache's head-major storage (a view), gathered into [R, heads, L, D] as `KVCache.gather` does.
+    keys, values = (cache.permute(2, 0, 1, 3).index_select(1, block_tables.flatten())
+                    .view(kv_heads, rows, width * block_size, head_dim).transpose(0, 1)
+                    for cache in (key_cache, value_cache))
     valid = torch.arange(width * block_size, device=q.device)[None, :] < context_lens[:, None]
     return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :],
                                           scale=scale, enable_gqa=q.shape[1] != kv_heads).squeeze(2)
@@ -228,10 +245,7 @@ def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
 def _batched_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: KVCache, layer: int, group: DecodeGroup,
                     scale: float, gqa: bool) -> None:
     """One attention call for a group of single-token rows: gather their blocks, mask each past its length."""
-    shape = (group.tokens.numel(), -1, kv_cache.shape.num_kv_heads, kv_cache.shape.head_dim)
-    # index_select on the flat block list copies whole blocks; advanced indexing is ~3x slower on CPU.
-    keys = kv_cache.keys[layer].index_select(0, group.blocks).view(shape).transpose(1, 2)
-    values = kv_cache.values[layer].index_select(0, group.blocks).view(shape).transpose(1, 2)
+    keys, values = kv_cache.gather(layer, group.blocks, group.tokens.numel())  # [R, heads, L, D]
     queries = q.index_select(0, group.tokens).unsqueeze(2)  # [R, Hq, 1, D]
     result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.valid, scale=scale,
                                             enable_gqa=gqa)

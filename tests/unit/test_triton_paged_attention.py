@@ -46,13 +46,18 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
 @pytest.mark.parametrize(("q_heads", "kv_heads", "dtype"), [(4, 4, torch.float32), (8, 2, torch.float32),
                                                             (4, 4, torch.float16)],
                          ids=["mha", "gqa", "fp16"])
-def test_each_row_attends_over_exactly_its_own_blocks(kernel, q_heads, kv_heads, dtype):
+@pytest.mark.parametrize("head_major", [True, False], ids=["head-major", "token-major"])
+def test_each_row_attends_over_exactly_its_own_blocks(kernel, q_heads, kv_heads, dtype, head_major):
     """Rows of 1, 15, 16, 17 and 40 tokens (inside one block, its edge, one past, several), each with its
-    blocks scattered in the cache and stale entries past its last block."""
+    blocks scattered in the cache and stale entries past its last block. Head-major is `KVCache`'s own
+    storage, handed to the kernel as a `[blocks, block_size, heads, D]` view (`KVCache.blocks_view`)."""
     torch.manual_seed(0)
     block_size, head_dim, num_blocks = 16, 32, 24
-    key_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
-    value_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype)
+    if head_major:
+        key_cache, value_cache = (torch.randn(kv_heads, num_blocks, block_size, head_dim).to(dtype).permute(1, 2, 0, 3)
+                                  for _ in range(2))
+    else:
+        key_cache, value_cache = (torch.randn(num_blocks, block_size, kv_heads, head_dim).to(dtype) for _ in range(2))
     lengths = [1, 15, 16, 17, 40]
     order = torch.randperm(num_blocks).tolist()
     tables = torch.tensor([order[3 * r:3 * r + 3] + [order[-1]] for r in range(len(lengths))], dtype=torch.int32)
@@ -61,8 +66,8 @@ def test_each_row_attends_over_exactly_its_own_blocks(kernel, q_heads, kv_heads,
     out = kernel.paged_decode_attention(q, key_cache, value_cache, tables, torch.tensor(lengths), scale)
     for row, length in enumerate(lengths):
         slots = [tables[row, p // block_size].item() * block_size + p % block_size for p in range(length)]
-        keys = key_cache.view(-1, kv_heads, head_dim)[slots]
-        values = value_cache.view(-1, kv_heads, head_dim)[slots]
+        keys = key_cache.reshape(-1, kv_heads, head_dim)[slots]
+        values = value_cache.reshape(-1, kv_heads, head_dim)[slots]
         expected = _attention(q[row], keys, values, scale)
         tolerance = 1e-5 if dtype == torch.float32 else 2e-3
         torch.testing.assert_close(out[row].double(), expected, atol=tolerance, rtol=tolerance)

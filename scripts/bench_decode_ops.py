@@ -13,6 +13,7 @@ largest logit difference between the two on the same step. An experiment, not an
 
     python scripts/bench_decode_ops.py
     python scripts/bench_decode_ops.py --batch 1 32 --out ops.json
+    python scripts/bench_decode_ops.py --batch 1 32 --prompt-len 700   # decode over ~700 tokens of context
     python scripts/bench_decode_ops.py --batch 1 32 --torch-compile
 """
 
@@ -44,14 +45,14 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _decoding_engine(checkpoint: str, batch: int) -> Engine:
+def _decoding_engine(checkpoint: str, batch: int, prompt_len: int = 100) -> Engine:
     model = ModelConfig(source=checkpoint, served_model_id="bench", dtype="float32", max_model_len=1024)
     engine = start_engine(model, EngineConfig(device="cpu", max_num_seqs=max(batch, 1),
                                               max_num_batched_tokens=max(512, batch),
-                                              kv_cache_bytes=64 * 2**20))
+                                              kv_cache_bytes=max(64 * 2**20, batch * (prompt_len + 200) * 2**13)))
     params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
     for index in range(batch):
-        prompt = [1] + [(index * 131 + i * 7) % 31000 + 3 for i in range(100)]
+        prompt = [1] + [(index * 131 + i * 7) % 31000 + 3 for i in range(prompt_len)]
         engine.add_request(EngineRequest(ChoiceId(f"r{index}", 0), prompt, params))
     while len(engine.step()) < batch:  # prefills, until a step samples every sequence
         pass
@@ -81,12 +82,19 @@ def _count_forward(engine: Engine, num_layers: int) -> Counter[str]:
 
 
 def _median_step_ms(engine: Engine, steps: int) -> float:
-    durations = []
+    return _median_steps(engine, steps)[0]
+
+
+def _median_steps(engine: Engine, steps: int) -> tuple[float, float]:
+    """Median wall and CPU milliseconds of a step. CPU time moves less than wall time when other work shares
+    the cores, so two builds compare on a busy machine."""
+    durations, cpu = [], []
     for _ in range(steps):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         engine.step()
         durations.append(time.perf_counter() - started)
-    return statistics.median(durations) * 1e3
+        cpu.append(time.process_time() - started_cpu)
+    return statistics.median(durations) * 1e3, statistics.median(cpu) * 1e3
 
 
 def _compiled_forward():
@@ -135,15 +143,15 @@ def compare_compiled(engine: Engine, steps: int, compiled) -> dict:
             "graph_breaks_so_far": dict(counters["graph_break"])}
 
 
-def measure(checkpoint: str, batch: int, steps: int, compiled=None) -> dict:
-    engine = _decoding_engine(checkpoint, batch)
+def measure(checkpoint: str, batch: int, steps: int, compiled=None, prompt_len: int = 100) -> dict:
+    engine = _decoding_engine(checkpoint, batch, prompt_len)
     try:
         num_layers = len(engine.runner.model.model.layers)
         full, one = _count_forward(engine, num_layers), _count_forward(engine, 1)
         per_layer = (sum(full.values()) - sum(one.values())) / (num_layers - 1)
         with OpCounter() as counter:
             engine.step()
-        step_ms = _median_step_ms(engine, steps)
+        step_ms, step_cpu_ms = _median_steps(engine, steps)
         layer_ops = full - one
         figures = {
             "batch": batch,
@@ -151,7 +159,9 @@ def measure(checkpoint: str, batch: int, steps: int, compiled=None) -> dict:
             "ops_outside_layers": sum(one.values()) - per_layer,
             "ops_per_step": sum(counter.ops.values()),
             "ops_per_step_outside_forward": sum(counter.ops.values()) - sum(full.values()),
+            "context_tokens": prompt_len + 1,
             "step_ms_median": step_ms,
+            "step_cpu_ms_median": step_cpu_ms,
             "layer_ops": {name: count / (num_layers - 1) for name, count in layer_ops.most_common()},
         }
         if compiled is not None:
@@ -166,6 +176,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=TINY_MODEL_SOURCE)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--steps", type=int, default=50, help="timed decode steps per batch size")
+    parser.add_argument("--prompt-len", type=int, default=100,
+                        help="each sequence's prompt: the decode steps attend over about this much context")
     parser.add_argument("--torch-compile", action="store_true",
                         help="also time the step with the forward compiled (see above)")
     parser.add_argument("--out", help="also write the figures here as JSON")
@@ -173,7 +185,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     compiled = _compiled_forward() if args.torch_compile else None
     figures = {"torch": torch.__version__,
-               "results": [measure(args.checkpoint, b, args.steps, compiled) for b in args.batch]}
+               "results": [measure(args.checkpoint, b, args.steps, compiled, args.prompt_len) for b in args.batch]}
     print(json.dumps(figures, indent=2))
     if args.out:
         with open(args.out, "w") as handle:

@@ -27,12 +27,14 @@ from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoConfig
 
 from serve_app.config import TINY_MODEL_SOURCE, EngineConfig, ModelConfig
 from serve_app.engine.engine import Engine, start_engine
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import ChoiceId, EngineRequest
 from serve_app.models import llama
+from serve_app.models.checkpoint import resolve_checkpoint
 
 
 class OpCounter(TorchDispatchMode):
@@ -45,11 +47,22 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+MAX_MODEL_LEN = 1024
+
+
 def _decoding_engine(checkpoint: str, batch: int, prompt_len: int = 100) -> Engine:
-    model = ModelConfig(source=checkpoint, served_model_id="bench", dtype="float32", max_model_len=1024)
+    """An engine decoding `batch` sequences of `prompt_len` prompt tokens, each with room for the rest of
+    `MAX_MODEL_LEN` in its KV cache (the --torch-compile comparison runs ~4 x --steps more steps)."""
+    if prompt_len + 64 > MAX_MODEL_LEN:
+        raise SystemExit(f"--prompt-len must leave room to decode within {MAX_MODEL_LEN} tokens")
+    model = ModelConfig(source=checkpoint, served_model_id="bench", dtype="float32", max_model_len=MAX_MODEL_LEN)
+    config = AutoConfig.from_pretrained(resolve_checkpoint(checkpoint))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * 4  # keys and values, float32
     engine = start_engine(model, EngineConfig(device="cpu", max_num_seqs=max(batch, 1),
                                               max_num_batched_tokens=max(512, batch),
-                                              kv_cache_bytes=max(64 * 2**20, batch * (prompt_len + 200) * 2**13)))
+                                              kv_cache_bytes=max(64 * 2**20, batch * MAX_MODEL_LEN * bytes_per_token)))
     params = SamplingParams(max_tokens=10**6, temperature=0.0, ignore_eos=True)
     for index in range(batch):
         prompt = [1] + [(index * 131 + i * 7) % 31000 + 3 for i in range(prompt_len)]

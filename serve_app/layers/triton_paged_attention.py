@@ -1,7 +1,8 @@
 """Decode attention that reads the paged KV cache in place: a Triton kernel, for CUDA.
 
-In: one query token per row (`[R, q_heads, D]`), the cache's key and value tensors of one layer
-(`[num_blocks, block_size, kv_heads, D]`), each row's block table (`[R, W]`) and context length (`[R]`), all
+In: one query token per row (`[R, q_heads, D]`), the cache's key and value tensors of one layer as
+`[num_blocks, block_size, kv_heads, D]` views (`KVCache.blocks_view`: strided over head-major storage; any
+layout whose head_dim is contiguous and whose keys and values share strides will do), each row's block table (`[R, W]`) and context length (`[R]`), all
 on the device. Out: `[R, q_heads, D]`. The gather path (`attention._batched_decode`) copies every row's
 blocks into a contiguous tensor first, which reads the context three times (read, write, read again) and
 needs Python to know each row's length; this kernel walks the block table itself, so it reads the context
@@ -41,8 +42,11 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
     for index in range(tl.cdiv(context_len, BLOCK_SIZE)):
         block = tl.load(block_tables_ptr + row * stride_table_row + index).to(tl.int64)
+        # int64 throughout: in head-major storage one head's stride is a whole layer's blocks, and
+        # kv_head * that overflows int32 once a layer's keys pass ~2^31 elements (a few GiB: a small model
+        # with an automatic KV budget on a large GPU).
         offsets = (block * stride_cache_block + tokens[:, None] * stride_cache_token
-                   + kv_head * stride_cache_head + dims[None, :])
+                   + kv_head.to(tl.int64) * stride_cache_head + dims[None, :])
         valid = index * BLOCK_SIZE + tokens < context_len
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)  # [B, D]
         v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -68,6 +72,8 @@ def paged_decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache
     """
     rows, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_cache.shape
+    if key_cache.stride() != value_cache.stride() or key_cache.stride(3) != 1:
+        raise ValueError("the kernel reads keys and values through one set of strides, with head_dim contiguous")
     group = q_heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)

@@ -127,7 +127,7 @@ def _timed_build(build):
     def build_and_say():
         if dist.get_rank() == 0:
             logger.info("loading DeepSpeed's shared-memory all-reduce kernel (the first start on a machine "
-                        "compiles it with the C++ compiler: a few minutes; later starts load it from the cache)")
+                        "compiles it with the C++ compiler: about a minute on 2 cores; later starts load it from the cache)")
         started = time.monotonic()
         module = build()
         if dist.get_rank() == 0:

@@ -121,9 +121,9 @@ def _join_deepspeed(device_type: str, world_size: int) -> None:
 
 
 def _timed_build(build):
-    """DeepSpeed's kernel builder, saying what it does: the first start on a machine compiles the kernel (minutes
-    on a small CPU, during which the service answers "not ready"); later starts load it from torch's extension
-    cache in well under a second."""
+    """DeepSpeed's kernel builder, saying what it does: the first start on a machine compiles the kernel (58 s on
+    2 cores, during which the service answers "not ready"); later starts load it from torch's extension cache
+    (0.3 s)."""
     def build_and_say():
         if dist.get_rank() == 0:
             logger.info("loading DeepSpeed's shared-memory all-reduce kernel (the first start on a machine "

@@ -33,6 +33,7 @@ from serve_app.config import TINY_MODEL_SOURCE, EngineConfig, ModelConfig
 from serve_app.engine.engine import Engine, start_engine
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import ChoiceId, EngineRequest
+from serve_app.layers.attention import KVCacheShape
 from serve_app.models import llama
 from serve_app.models.checkpoint import resolve_checkpoint
 
@@ -59,7 +60,7 @@ def _decoding_engine(checkpoint: str, batch: int, prompt_len: int = 100) -> Engi
     config = AutoConfig.from_pretrained(resolve_checkpoint(checkpoint))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    bytes_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim * 4  # keys and values, float32
+    bytes_per_token = KVCacheShape(config.num_hidden_layers, 1, 1, kv_heads, head_dim).bytes_per_block(torch.float32)
     engine = start_engine(model, EngineConfig(device="cpu", max_num_seqs=max(batch, 1),
                                               max_num_batched_tokens=max(512, batch),
                                               kv_cache_bytes=max(64 * 2**20, batch * MAX_MODEL_LEN * bytes_per_token)))

@@ -5,8 +5,8 @@ that many concurrent streaming chat requests (exactly `--output-len` tokens each
 every process's user + system CPU time (`/proc/<pid>/stat`) before and after, and divide each process
 kind's CPU by the output tokens the server reported (`usage`). It also counts the SSE chunks that
 carry content: tokens per chunk times CPU per token is about a process's CPU per message (a message
-whose tokens decode to no text yet, and the last one with the usage, are not counted). CPU time, not wall time: it does not move
-when other work shares the cores, so two builds compare on a busy machine.
+whose tokens decode to no text yet, and the last one with the usage, are not counted). CPU time, not
+wall time: it does not move when other work shares the cores, so two builds compare on a busy machine.
 
 Process kinds, by command line: the ingress, stage and replica actors (`ray::ServeReplica:<app>:<name>`),
 the Serve controller, HAProxy and the proxy actor — the serving path, summed as `serving_path` — and, apart

@@ -9,9 +9,9 @@ attention output for every token, with the step's keys and values written into t
 `block * block_size + offset` in every head. Head-major because attention reads one head's context at a
 time: gathered, a row's keys come out `[heads, context, head_dim]` with each head's context contiguous, the
 layout SDPA's CPU kernel reads fastest (on the token-major layout's strided view it took ~2x longer in a
-decode step, ~4x in a microbenchmark);
-the Triton kernel reads either through strides. Which blocks belong to whom is the engine's bookkeeping
-(`engine/block_manager.py`); this module only reads and writes the slots it is given.
+decode step, ~4x in a microbenchmark); the Triton kernel reads either through strides. Which blocks belong to
+whom is the engine's bookkeeping (`engine/block_manager.py`); this module only reads and writes the slots it
+is given.
 
 Steps are ragged, never padded: prefill chunks are attended one sequence at a time, causal (aligned to the
 end of the context when the chunk reads cached context), through SDPA's fused kernels: 4-D inputs and a
@@ -67,18 +67,13 @@ class KVCache:
 
     def read(self, layer: int, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` keys and values of one sequence, `[heads, length, head_dim]` each."""
-        return (self._gather(self.keys[layer], block_table, 1)[0, :, :length],
-                self._gather(self.values[layer], block_table, 1)[0, :, :length])
+        keys, values = self.gather(layer, block_table, 1)
+        return keys[0, :, :length], values[0, :, :length]
 
     def gather(self, layer: int, blocks: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `rows` rows whose block tables, all of one width, are `blocks` (flat):
         `[rows, heads, width * block_size, head_dim]` each, a copy."""
-        return self._gather(self.keys[layer], blocks, rows), self._gather(self.values[layer], blocks, rows)
-
-    def _gather(self, storage: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
-        # index_select copies whole blocks of each head; advanced indexing is ~3x slower on CPU.
-        heads, _, _, head_dim = storage.shape
-        return storage.index_select(1, blocks).view(heads, rows, -1, head_dim).transpose(0, 1)
+        return gather_blocks(self.keys[layer], blocks, rows), gather_blocks(self.values[layer], blocks, rows)
 
     def blocks_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s keys and values as `[num_blocks, block_size, heads, head_dim]` views (no copy), the
@@ -165,6 +160,14 @@ class AttentionBatch:
         return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), groups)
 
 
+def gather_blocks(storage: torch.Tensor, blocks: torch.Tensor, rows: int) -> torch.Tensor:
+    """`rows` rows' blocks (`blocks`, flat, the same number per row) of one head-major layer tensor
+    `[heads, num_blocks, block_size, D]`, as `[rows, heads, blocks per row * block_size, D]`, a copy."""
+    # index_select copies whole blocks of each head; advanced indexing is ~3x slower on CPU.
+    heads, _, _, head_dim = storage.shape
+    return storage.index_select(1, blocks).view(heads, rows, -1, head_dim).transpose(0, 1)
+
+
 def group_decode_rows(rows: list[int], context_lens: list[int], block_size: int, max_tokens: int
                       ) -> list[list[int]]:
     """`rows`, shortest context first, cut into groups whose gather (rows x the longest row's blocks, in tokens)
@@ -232,10 +235,9 @@ def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
 
         return paged_decode_attention(q, key_cache, value_cache, block_tables, context_lens, scale)
     rows, width = block_tables.shape
-    block_size, kv_heads, head_dim = key_cache.shape[1:]
-    # Back to the cache's head-major storage (a view), gathered into [R, heads, L, D] as `KVCache.gather` does.
-    keys, values = (cache.permute(2, 0, 1, 3).index_select(1, block_tables.flatten())
-                    .view(kv_heads, rows, width * block_size, head_dim).transpose(0, 1)
+    block_size, kv_heads = key_cache.shape[1:3]
+    # `permute` turns the `blocks_view` back into the cache's head-major storage (a view, no copy).
+    keys, values = (gather_blocks(cache.permute(2, 0, 1, 3), block_tables.flatten(), rows)
                     for cache in (key_cache, value_cache))
     valid = torch.arange(width * block_size, device=q.device)[None, :] < context_lens[:, None]
     return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=valid[:, None, None, :],

@@ -100,7 +100,7 @@ def _join_deepspeed(device_type: str, world_size: int) -> None:
     shared = device_type == "cpu" and _can_share_memory(world_size)
     if shared:
         os.environ["LOCAL_SIZE"] = str(world_size)
-    comm.build_shm_op = _timed_build(_deepspeed_build_shm_op) if shared else (lambda: None)
+    comm.build_shm_op = _timed_build(_deepspeed_build_shm_op, dist.get_rank() == 0) if shared else (lambda: None)
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl", verbose=False)
     if not shared:
         return
@@ -120,17 +120,17 @@ def _join_deepspeed(device_type: str, world_size: int) -> None:
     logger.info("tensor-parallel all-reduce: %s", all_reduce_path())
 
 
-def _timed_build(build):
-    """DeepSpeed's kernel builder, saying what it does: the first start on a machine compiles the kernel (58 s on
-    2 cores, during which the service answers "not ready"); later starts load it from torch's extension cache
-    (0.3 s)."""
+def _timed_build(build, announce: bool):
+    """DeepSpeed's kernel builder, saying (where `announce`: on one rank) what it does: the first start on a
+    machine compiles the kernel (58 s on 2 cores, during which the service answers "not ready"); later starts
+    load it from torch's extension cache (0.3 s)."""
     def build_and_say():
-        if dist.get_rank() == 0:
-            logger.info("loading DeepSpeed's shared-memory all-reduce kernel (the first start on a machine "
-                        "compiles it with the C++ compiler: about a minute on 2 cores; later starts load it from the cache)")
+        if announce:
+            logger.info("loading DeepSpeed's shared-memory all-reduce kernel (the first start on a machine compiles "
+                        "it with the C++ compiler: about a minute on 2 cores; later starts load it from the cache)")
         started = time.monotonic()
         module = build()
-        if dist.get_rank() == 0:
+        if announce:
             logger.info("DeepSpeed's shared-memory all-reduce kernel: %s in %.1f s",
                         "ready" if module is not None else "not available here", time.monotonic() - started)
         return module

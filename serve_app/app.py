@@ -1,7 +1,8 @@
 """The application builder that `serve run configs/<name>.yaml` imports.
 
 Ingress → ChatStage → LlamaReplica, each a Serve deployment with its own scaling; the stage reaches the
-replica groups through `CacheAffinityRouter` (`replica/router.py`) unless the config asks for Serve's default. The replica reserves one
+replica groups through `CacheAffinityRouter` (`replica/router.py`) unless the config asks for Serve's default.
+Each hop streams through channels (`channel.py`): one message per interval for all of a caller's streams. The replica reserves one
 placement-group bundle per tensor-parallel rank, so a whole group is scheduled (and scaled) as a unit.
 """
 
@@ -17,6 +18,7 @@ from serve_app.ingress.deployment import Ingress
 from serve_app.replica.deployment import LlamaReplica
 from serve_app.replica.router import CacheAffinityRouter
 from serve_app.stage.deployment import ChatStage
+from serve_app.two_choices import TwoChoicesRouter
 
 
 def replica_placement(config: AppConfig) -> dict[str, Any]:
@@ -34,9 +36,9 @@ def replica_placement(config: AppConfig) -> dict[str, Any]:
 
 
 def replica_routing(config: AppConfig) -> dict[str, Any]:
-    """The replica deployment's request router; Serve's default unless the policy is `cache_affinity`."""
+    """The replica deployment's request router: by cache affinity, or Serve's two choices (with channels)."""
     if config.routing.policy != "cache_affinity":
-        return {}
+        return {"request_router_config": {"request_router_class": TwoChoicesRouter}}
     return {"request_router_config": {"request_router_class": CacheAffinityRouter,
                                       "request_router_kwargs": {"max_imbalance": config.max_imbalance,
                                                                 "capacity": config.group_capacity}}}
@@ -49,5 +51,7 @@ def build_app(args: dict[str, Any]) -> Application:
         replica_routing(config) | replica_placement(config) | config.deployments.replica,
         config.engine.max_num_seqs)
     replica = LlamaReplica.options(**replica_options).bind(config)
-    stage = ChatStage.options(**config.deployments.stage).bind(config, replica)
+    # The stage's router sends each ingress's channel subscription to its stage replica (serve_app/channel.py).
+    stage_options = {"request_router_config": {"request_router_class": TwoChoicesRouter}} | config.deployments.stage
+    stage = ChatStage.options(**stage_options).bind(config, replica)
     return Ingress.options(**config.deployments.ingress).bind(config, stage)

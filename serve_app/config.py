@@ -137,7 +137,7 @@ class RoutingConfig(StrictModel):
     policy: Literal["cache_affinity", "power_of_two"] = Field(
         "cache_affinity", description="`cache_affinity`: every turn of a conversation (one `prompt_cache_key`, "
         "`user` or opening) goes to the same group, where its earlier turns' KV cache is. `power_of_two`: Ray "
-        "Serve's default, the less loaded of two random groups, blind to caches.")
+        "Serve's default policy (`two_choices.py`), the less loaded of two random groups, blind to caches.")
     max_imbalance: int | None = Field(
         None, ge=0, description="Under `cache_affinity`, a request goes to the least loaded group instead of "
         "its own when its own has more than this many requests in flight beyond that one. None: "

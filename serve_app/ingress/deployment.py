@@ -30,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import status_board
+from serve_app.channel import ChannelClient
 from serve_app.config import AppConfig
 from serve_app.errors import (
     InternalError,
@@ -248,7 +249,7 @@ app.openapi = lambda: openapi_document(app)
 class Ingress:
     def __init__(self, config: AppConfig, stage: DeploymentHandle):
         self.config = config
-        self.stage = stage
+        self.stage = ChannelClient(stage)
         self.metrics = ServiceMetrics(RayRequestExport())
         self.app_name = serve.get_replica_context().app_name
         self._groups: list[status_board.GroupStatus] | None = None  # the board, as last read
@@ -322,7 +323,7 @@ class Ingress:
             request = await parse_body(http_request, model)
             if request.model != self.model_card.id:
                 raise ModelNotFoundError(request.model)
-            events = getattr(self.stage, method).options(stream=True).remote(request)
+            events = self.stage.stream(method, request)
             first = await _unless_disconnected(http_request, deadline.first_token(
                 events.__anext__(), self.config.api.first_token_timeout_s))
         except ClientDisconnected:

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from serve_app.affinity import AffinityKey
 from serve_app.autoscaling import engine_load_metrics
+from serve_app.channel import ChannelHub, ChannelTicket
 from serve_app.config import AppConfig
 from serve_app.engine.sequence import EngineRequest, RequestOutput
 from serve_app.errors import EngineUnavailableError
@@ -51,13 +52,22 @@ class LlamaReplica:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_checkpoint(model.source))
         limits = AdmissionLimits(api.max_waiting_requests, api.max_waiting_tokens, api.retry_after_s)
         self.client = EngineClient(host, limits, StreamPacing.from_config(engine), tokenizer, engine.step_timeout_s)
+        self.hub = ChannelHub(replica.replica_id.unique_id, self.client.pacing.interval)
         self.reporter = ReplicaReporter(replica.app_name, replica.replica_tag,
                                         lambda: (self.client.stats, self.client.healthy()))
 
     async def generate(self, requests: list[EngineRequest], affinity: AffinityKey | None = None,
-                       ) -> AsyncIterator[list[RequestOutput]]:
-        """`affinity` chose this group (`router.CacheAffinityRouter`, in the caller); the engine needs no key."""
-        async for batch in self.client.generate(requests):
+                       channel: ChannelTicket | None = None) -> AsyncIterator[list[RequestOutput]]:
+        """`affinity` chose this group (`router.CacheAffinityRouter`, in the caller); the engine needs no key.
+        With a `channel` ticket, the stream after its first batch goes through the caller's subscription,
+        paced there for all of the caller's streams together (`serve_app.channel`)."""
+        async for batch in self.hub.serve(channel, self.client.generate(requests, paced=channel is None)):
+            yield batch
+
+    async def subscribe(self, subscriber: str, channel_target: str) -> AsyncIterator[list]:
+        """The caller's channel: what its streams here produced, all together (`channel_target` is this
+        replica, for the router)."""
+        async for batch in self.hub.subscribe(subscriber):
             yield batch
 
     def record_autoscaling_stats(self) -> dict[str, float]:

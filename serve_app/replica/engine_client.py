@@ -173,10 +173,12 @@ class EngineClient:
         for request in requests:
             self._waiting[request.choice] = len(request.prompt_token_ids)
 
-    async def generate(self, requests: list[EngineRequest]) -> AsyncIterator[list[RequestOutput]]:
+    async def generate(self, requests: list[EngineRequest], paced: bool = True,
+                       ) -> AsyncIterator[list[RequestOutput]]:
         """One stream for all of a client request's engine requests, so one replica group admits and runs
         them all; each message carries whatever any of them produced since the last one. Closing the stream
-        aborts those still running."""
+        aborts those still running. `paced=False` yields every report at once: for a stream that a channel
+        paces instead (`serve_app.channel`), with the same `StreamPacing`."""
         if not self.alive:
             raise self._failure or EngineUnavailableError("The model's engine is not running. Please retry.")
         clock = asyncio.get_running_loop()
@@ -195,7 +197,8 @@ class EngineClient:
             last_sent = None  # the first message goes at once
             while unfinished:
                 batch = [await outputs.get()]
-                if last_sent is not None and isinstance(batch[-1], RequestOutput) and not batch[-1].finished:
+                if (paced and last_sent is not None and isinstance(batch[-1], RequestOutput)
+                        and not batch[-1].finished):
                     hold = last_sent + self.pacing.interval(self._open_calls) - clock.time()
                     if hold > 0:
                         await asyncio.sleep(hold)  # let later steps join this message

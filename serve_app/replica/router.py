@@ -18,7 +18,8 @@ Every routed request is counted in Ray's metrics as `llama_serve_routing_decisio
 wait, so the key's next open group took it; `load_guard`: moved to the least loaded group; `overflow`: Serve
 found the first choice full (`max_ongoing_requests`) and took a later one; `no_key`: a call without a key —
 none from this application's stage — which goes to the least loaded group) and by the key's `source`.
-Counts are per call (one client request, all its choices), not per sequence.
+Counts are per call (one client request, all its choices), not per sequence. A stage's channel
+subscription (`serve_app.channel`) names its group and goes there, uncounted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ray.serve.metrics import Counter
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from serve_app.affinity import AffinityKey, choose_group
+from serve_app.channel import targeted_replica
 
 # Decisions waiting for their request to be accepted; bounded because a request cancelled while it is being
 # routed never reaches `on_request_routed`.
@@ -45,6 +47,9 @@ class CacheAffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        target = targeted_replica(candidate_replicas, pending_request)
+        if target is not None:  # a stage's channel subscription (serve_app/channel.py), not a request
+            return [[target]]
         key = _affinity(pending_request)
         if pending_request is not None:
             # Without this Serve retries a full set of groups in a busy loop instead of backing off.

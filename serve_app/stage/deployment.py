@@ -16,6 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerFast
 
 from serve_app.affinity import AffinityKey
+from serve_app.channel import ChannelClient, ChannelHub, ChannelTicket
 from serve_app.config import AppConfig
 from serve_app.engine.sequence import EngineRequest
 from serve_app.models.checkpoint import resolve_checkpoint
@@ -32,17 +33,26 @@ class ChatStage:
         # Not AutoTokenizer: transformers 5 maps Llama checkpoints to a tokenizer class that replaces the
         # tokenizer.json normalizer with its own and mis-encodes leading spaces (31/46 reference vectors).
         tokenizer = PreTrainedTokenizerFast.from_pretrained(resolve_checkpoint(config.model.source))
-        self.replica = replica
+        self.replica = ChannelClient(replica)
+        # Nothing to pace here: the replica groups' channels already coalesce steps into messages.
+        self.hub = ChannelHub(serve.get_replica_context().replica_id.unique_id)
         self.processor = ChatProcessor(tokenizer, config.model, config.pricing, self._generate, config.api)
 
     def _generate(self, requests: list[EngineRequest], affinity: AffinityKey):
         # `affinity` is for the replica deployment's router (replica/router.py), which reads it in this process.
-        return self.replica.generate.options(stream=True).remote(requests, affinity=affinity)
+        return self.replica.stream("generate", requests, affinity=affinity)
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[list[StageEvent]]:
-        async for events in self.processor.chat(request):
+    async def chat(self, request: ChatCompletionRequest, channel: ChannelTicket | None = None,
+                   ) -> AsyncIterator[list[StageEvent]]:
+        async for events in self.hub.serve(channel, self.processor.chat(request)):
             yield events
 
-    async def complete(self, request: CompletionRequest) -> AsyncIterator[list[StageEvent]]:
-        async for events in self.processor.complete(request):
+    async def complete(self, request: CompletionRequest, channel: ChannelTicket | None = None,
+                       ) -> AsyncIterator[list[StageEvent]]:
+        async for events in self.hub.serve(channel, self.processor.complete(request)):
             yield events
+
+    async def subscribe(self, subscriber: str, channel_target: str) -> AsyncIterator[list]:
+        """The caller's channel (`serve_app.channel`); `channel_target` is this replica, for the router."""
+        async for batch in self.hub.subscribe(subscriber):
+            yield batch

@@ -214,6 +214,7 @@ def test_with_one_group_a_full_group_is_retried_with_backoff():
 def test_the_default_config_routes_by_cache_affinity_with_a_batch_of_slack():
     from serve_app.app import replica_routing
     from serve_app.replica.router import CacheAffinityRouter
+    from serve_app.two_choices import TwoChoicesRouter
 
     args = {"model": {"source": "x", "served_model_id": MODEL},
             "engine": {"device": "cpu", "kv_cache_bytes": 1 << 20, "max_num_seqs": 24}}
@@ -221,4 +222,6 @@ def test_the_default_config_routes_by_cache_affinity_with_a_batch_of_slack():
     # A group takes its running batch plus the waiting queue's bound (api.max_waiting_requests, 256) at most.
     assert options == {"request_router_class": CacheAffinityRouter,
                        "request_router_kwargs": {"max_imbalance": 24, "capacity": 24 + 256}}
-    assert replica_routing(AppConfig.model_validate({**args, "routing": {"policy": "power_of_two"}})) == {}
+    # Serve's default policy, in a router that also sends channel subscriptions where they belong.
+    assert replica_routing(AppConfig.model_validate({**args, "routing": {"policy": "power_of_two"}})) == {
+        "request_router_config": {"request_router_class": TwoChoicesRouter}}

@@ -8,6 +8,11 @@ carry content: tokens per chunk times CPU per token is about a process's CPU per
 whose tokens decode to no text yet, and the last one with the usage, are not counted). CPU time, not
 wall time: it does not move when other work shares the cores, so two builds compare on a busy machine.
 
+Every Ray process also burns CPU while idle (its core worker wakes every 10 ms; Serve's metrics and control
+loops), about 12-20 ms/s each here, whatever the load. First, `--idle-s` seconds without requests measure that
+per process kind; `serving_path_above_idle` is the serving path's CPU per token less it: the part that grows
+with traffic, and all that remains per token once a GPU streams thousands of tokens a second.
+
 Process kinds, by command line: the ingress, stage and replica actors (`ray::ServeReplica:<app>:<name>`),
 the Serve controller, HAProxy and the proxy actor — the serving path, summed as `serving_path` — and, apart
 from it, the engine (its process, `llama_serve::engine`, and follower ranks, `ray::RankActor`) and Ray's own
@@ -111,11 +116,17 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--requests-per-stream", type=int, default=4)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--idle-s", type=float, default=10.0, help="idle CPU measured over this long first")
     parser.add_argument("--out", help="write the figures here as JSON")
     args = parser.parse_args()
 
     asyncio.run(load(args.base_url, args.model, 2, 1, 8))  # warm-up
-    results = {}
+    before = cpu_by_kind(args.app)
+    time.sleep(args.idle_s)
+    after = cpu_by_kind(args.app)
+    idle_per_s = {kind: (after.get(kind, 0.0) - before.get(kind, 0.0)) / args.idle_s for kind in after}
+    print("idle CPU ms/s: " + ", ".join(f"{kind} {value * 1e3:.1f}" for kind, value in sorted(idle_per_s.items())))
+    results = {"idle_cpu_ms_per_s": {kind: round(value * 1e3, 2) for kind, value in sorted(idle_per_s.items())}}
     for streams in args.streams:
         before, started = cpu_by_kind(args.app), time.monotonic()
         tokens, chunks = asyncio.run(load(args.base_url, args.model, streams, args.requests_per_stream,
@@ -123,6 +134,8 @@ def main() -> None:
         after, elapsed = cpu_by_kind(args.app), time.monotonic() - started
         per_token = {kind: (after.get(kind, 0.0) - before.get(kind, 0.0)) / tokens * 1e6 for kind in after}
         per_token["serving_path"] = sum(per_token.get(kind, 0.0) for kind in SERVING_PATH)
+        idle_per_token = sum(idle_per_s.get(kind, 0.0) for kind in SERVING_PATH) * elapsed / tokens * 1e6
+        per_token["serving_path_above_idle"] = per_token["serving_path"] - idle_per_token
         results[f"streams_{streams}"] = {"output_tokens": tokens, "wall_s": round(elapsed, 2),
                                          "tok_s": round(tokens / elapsed, 1),
                                          "tokens_per_chunk": round(tokens / max(chunks, 1), 2),

@@ -225,3 +225,30 @@ def test_the_default_config_routes_by_cache_affinity_with_a_batch_of_slack():
     # Serve's default policy, in a router that also sends channel subscriptions where they belong.
     assert replica_routing(AppConfig.model_validate({**args, "routing": {"policy": "power_of_two"}})) == {
         "request_router_config": {"request_router_class": TwoChoicesRouter}}
+
+
+def test_a_channel_subscription_goes_to_the_group_it_names_whatever_its_key():
+    """A stage's subscription reads the streams one group holds: any other group has nothing for it."""
+    from ray.serve._private.common import DeploymentHandleSource, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from serve_app.two_choices import TwoChoicesRouter
+
+    router, replicas = make_router(max_imbalance=4)
+    two_choices = TwoChoicesRouter(deployment_id=router._deployment_id, handle_source=DeploymentHandleSource.REPLICA)
+
+    def subscription(target: str):
+        return PendingRequest(args=[], kwargs={"subscriber": "s", "channel_target": target},
+                              metadata=RequestMetadata("sub", "sub"))
+
+    async def scenario():
+        for replica in replicas:
+            target = replica.replica_id.unique_id
+            assert await router.choose_replicas(replicas, subscription(target)) == [[replica]]
+            assert await two_choices.choose_replicas(replicas, subscription(target)) == [[replica]]
+        # A group that is gone: any group, whose hub ends the subscription at once (nothing there for it).
+        assert await router.choose_replicas(replicas, subscription("gone")) == [replicas]
+        ranks = await two_choices.choose_replicas(replicas, subscription("gone"))
+        assert len(ranks) == 1 and sorted(ranks[0], key=id) == sorted(replicas, key=id)
+
+    asyncio.run(scenario())

@@ -26,6 +26,8 @@ plain stream, which `ChannelStream` passes through.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import itertools
 import logging
 import time
 import uuid
@@ -34,7 +36,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.errors import ServiceError
+from serve_app.errors import ServiceError, ServiceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +68,13 @@ class ChannelOpened:
 
 @dataclass(frozen=True)
 class ChannelEnd:
-    """A channelled call's last message: `items` went through the mailbox, then `error` ended it, if set."""
+    """A channelled call's last message: `items` went through the subscription, then come the `tail` items
+    (mailed while no subscription read the mailbox, so they travel here instead), then `error` ended the
+    stream, if set."""
 
     items: int
-    error: ServiceError | None = None
+    tail: tuple = ()
+    error: Exception | None = None
 
 
 class _Mailbox:
@@ -77,7 +82,7 @@ class _Mailbox:
         self.items: list[tuple[str, Any]] = []
         self.open_streams = 0
         self.flush = False  # a stream ended: send what is there without waiting out the interval
-        self.subscription = 0  # which subscription reads it; a newer one replaces an older one
+        self.subscription = 0  # which subscription reads it (0: none); a newer one replaces an older one
         self.changed = asyncio.Event()
         self.idle_since = time.monotonic()
 
@@ -97,6 +102,7 @@ class ChannelHub:
         self._interval = interval or (lambda open_streams: 0.0)
         self._linger_s = linger_s
         self._mailboxes: dict[str, _Mailbox] = {}
+        self._subscription_ids = itertools.count(1)
 
     @property
     def open_streams(self) -> int:
@@ -137,23 +143,33 @@ class ChannelHub:
             async for item in stream:
                 box.put(ticket.key, item)
                 mailed += 1
-        except ServiceError as exc:  # it follows the items before it, as it would on the call's own stream
+        except Exception as exc:  # it follows the items before it, as on the call's own stream
+            if not isinstance(exc, ServiceError):
+                logger.warning("a channelled stream failed", exc_info=exc)
             error = exc
         finally:
             box.open_streams -= 1
             box.idle_since = time.monotonic()
             box.flush = True
             box.changed.set()
-        yield ChannelEnd(mailed, error)
+        tail = ()
+        if not box.subscription:
+            # Nobody reads the mailbox (the caller could not reach this replica, which may be stopping):
+            # this stream's items not yet sent go with its end instead.
+            tail = tuple(item for key, item in box.items if key == ticket.key)
+            if tail:
+                box.items = [(key, item) for key, item in box.items if key != ticket.key]
+        yield ChannelEnd(mailed - len(tail), tail, error)
 
-    async def subscribe(self, subscriber: str) -> AsyncIterator[list[tuple[str, Any]]]:
+    async def subscribe(self, subscriber: str, target: str) -> AsyncIterator[list[tuple[str, Any]]]:
         """Every item mailed to `subscriber`, as `(key, item)` pairs, one message per interval. Ends at once
-        if `subscriber` has nothing here, and `linger_s` after its last stream here ended."""
-        box = self._mailboxes.get(subscriber)
+        if `target` is another replica (the router could not reach that one: it may be stopping, and its
+        streams' ends then carry their items) or `subscriber` has nothing here, and `linger_s` after its last
+        stream here ended."""
+        box = self._mailboxes.get(subscriber) if target == self.replica else None
         if box is None:
             return
-        box.subscription += 1
-        mine = box.subscription
+        mine = box.subscription = next(self._subscription_ids)
         last_sent = float("-inf")
         try:
             while box.subscription == mine:
@@ -208,10 +224,12 @@ class ChannelStream:
     def __init__(self, client: ChannelClient, key: str, start: Callable[[ChannelTicket], Any]):
         self._client, self._key = client, key
         self._items: deque[Any] = deque()
-        self._arrived = asyncio.Event()
+        self._wake = asyncio.Event()
         self._expected: int | None = None
-        self._received = 0
-        self._end_error: ServiceError | None = None
+        self._received = 0  # mailed items read
+        self._arrived = 0  # mailed items arrived
+        self._tail: list = []
+        self._end_error: Exception | None = None
         self._replica: str | None = None
         self._ending: asyncio.Task | None = None
         self._mode = "first"
@@ -223,7 +241,16 @@ class ChannelStream:
 
     def _mailed(self, item: Any) -> None:
         self._items.append(item)
-        self._arrived.set()
+        if not isinstance(item, _Failed):
+            self._arrived += 1
+            self._detach_when_complete()
+        self._wake.set()
+
+    def _detach_when_complete(self) -> None:
+        # Once the end and every item it counts are here the stream needs the subscription no more: detached
+        # now, not when read, so that a stream its consumer drops unread does not keep a subscription open.
+        if self._expected is not None and self._arrived >= self._expected:
+            self._detach()
 
     async def __anext__(self) -> Any:
         if self._mode == "direct":
@@ -238,6 +265,8 @@ class ChannelStream:
                 self._mode = "direct"
                 self._detach()
                 return message
+            if self._mode == "closed":  # cancelled while this read was resuming
+                raise StopAsyncIteration
             self._mode = "channel"
             self._replica = message.replica
             self._client._attach(message.replica, self._key)
@@ -259,14 +288,17 @@ class ChannelStream:
                     self._received += 1
                 return merged
             if self._expected is not None and self._received >= self._expected:
+                if self._tail:
+                    tail, self._tail = self._tail, []
+                    return [entry for item in tail for entry in item]
                 self._detach()
                 if self._end_error is not None:
                     raise self._end_error
                 raise StopAsyncIteration
             if self._mode == "closed":
                 raise StopAsyncIteration
-            self._arrived.clear()
-            await self._arrived.wait()
+            self._wake.clear()
+            await self._wake.wait()
 
     async def _await_end(self) -> None:
         """The call's own stream, after its first message: its `ChannelEnd`, or its failure."""
@@ -282,17 +314,23 @@ class ChannelStream:
         if not isinstance(message, ChannelEnd):
             self._mailed(_Failed(RuntimeError(f"a channelled call sent {type(message).__name__} after its first item")))
             return
-        self._expected, self._end_error = message.items, message.error
-        self._arrived.set()
+        self._expected, self._tail, self._end_error = message.items, list(message.tail), message.error
+        self._detach_when_complete()
+        self._wake.set()
 
-    def cancel(self) -> None:
-        """Cancel the call (its server aborts what it runs), and stop reading."""
+    def cancel_call(self) -> None:
+        """Cancel the call (its server aborts what it runs); what has arrived can still be read."""
         self._call.cancel()
         if self._ending is not None:
             self._ending.cancel()
         self._detach()
-        self._mode = "closed" if self._mode != "direct" else self._mode
-        self._arrived.set()
+
+    def cancel(self) -> None:
+        """Cancel the call (its server aborts what it runs), and stop reading."""
+        self.cancel_call()
+        if self._mode != "direct":
+            self._mode = "closed"
+        self._wake.set()
 
     def _detach(self) -> None:
         self._client._detach(self._replica, self._key)
@@ -319,7 +357,10 @@ class ChannelClient:
     def _attach(self, replica: str, key: str) -> None:
         self._keys_at.setdefault(replica, set()).add(key)
         if replica not in self._readers:
-            self._readers[replica] = asyncio.ensure_future(self._read(replica))
+            # In a context of its own: Serve files a call under the request whose context makes it, and
+            # cancelling that one request would cancel the subscription all of this replica's streams share.
+            self._readers[replica] = asyncio.get_running_loop().create_task(
+                self._read(replica), context=contextvars.Context())
 
     def _detach(self, replica: str | None, key: str) -> None:
         self._streams.pop(key, None)
@@ -328,7 +369,9 @@ class ChannelClient:
             keys.discard(key)
 
     async def _read(self, replica: str) -> None:
-        """Subscribe to `replica` while streams there are open; hand each mailed item to its stream."""
+        """Subscribe to `replica` while streams there are open; hand each mailed item to its stream. A
+        subscription that fails may have lost items in flight: the streams there fail, retryably, rather
+        than wait for items that will not come."""
         backoff = RESUBSCRIBE_BACKOFF_S[0]
         try:
             while self._keys_at.get(replica):
@@ -342,8 +385,12 @@ class ChannelClient:
                             stream = self._streams.get(key)
                             if stream is not None:
                                 stream._mailed(item)
-                except Exception as exc:  # noqa: BLE001 - the streams there fail on their own calls
-                    logger.warning("a channel subscription to replica %s failed: %s", replica, type(exc).__name__)
+                except asyncio.CancelledError:
+                    if asyncio.current_task().cancelling():
+                        raise
+                    self._fail_streams_at(replica, "cancelled")
+                except Exception as exc:  # noqa: BLE001 - any failure of the call is one of the subscription
+                    self._fail_streams_at(replica, type(exc).__name__)
                 if delivered:
                     backoff = RESUBSCRIBE_BACKOFF_S[0]
                 elif self._keys_at.get(replica):
@@ -354,15 +401,30 @@ class ChannelClient:
             if not self._keys_at.get(replica):
                 self._keys_at.pop(replica, None)
 
+    def _fail_streams_at(self, replica: str, why: str) -> None:
+        keys = self._keys_at.get(replica, set())
+        logger.warning("a channel subscription to replica %s failed (%s); its %d streams fail", replica, why,
+                       len(keys))
+        error = ServiceUnavailableError("The service lost part of this response in transit. Please retry.",
+                                        retry_after=1.0)
+        for key in list(keys):
+            stream = self._streams.get(key)
+            if stream is not None:
+                stream._mailed(_Failed(error))
+                stream.cancel_call()
+
+
+def is_subscription(pending_request) -> bool:
+    return pending_request is not None and "channel_target" in pending_request.kwargs
+
 
 def targeted_replica(candidates: list, pending_request) -> Any | None:
     """The candidate replica a call's `channel_target` names, if it names one that is running; a request
-    router's `choose_replicas` returns `[[it]]`."""
-    if pending_request is None:
+    router's `choose_replicas` returns `[[it]]` (and any replica when it names none: that one's hub ends
+    the subscription at once)."""
+    if not is_subscription(pending_request):
         return None
-    target = pending_request.kwargs.get("channel_target")
-    if target is None:
-        return None
+    target = pending_request.kwargs["channel_target"]
     for replica in candidates:
         if replica.replica_id.unique_id == target:
             return replica

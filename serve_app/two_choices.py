@@ -19,9 +19,9 @@ from serve_app.channel import targeted_replica
 class TwoChoicesRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:  # without it Serve retries full replicas in a busy loop
+            pending_request.routing_context.should_backoff = True
         target = targeted_replica(candidate_replicas, pending_request)
         if target is not None:
             return [[target]]
-        if pending_request is not None:  # without it Serve retries full replicas in a busy loop
-            pending_request.routing_context.should_backoff = True
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]

@@ -331,6 +331,8 @@ class Ingress:
             meter.finish(CLIENT_CLOSED_REQUEST)
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as exc:  # noqa: BLE001 - mapped to an OpenAI error in one place
+            if events is not None:  # e.g. no first token in time: the work must not run on
+                events.cancel()
             return self._error_response(exc, meter)
         except BaseException:  # cancelled (client gone) while waiting for the first token
             if events is not None:

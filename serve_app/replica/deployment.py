@@ -67,7 +67,7 @@ class LlamaReplica:
     async def subscribe(self, subscriber: str, channel_target: str) -> AsyncIterator[list]:
         """The caller's channel: what its streams here produced, all together (`channel_target` is this
         replica, for the router)."""
-        async for batch in self.hub.subscribe(subscriber):
+        async for batch in self.hub.subscribe(subscriber, channel_target):
             yield batch
 
     def record_autoscaling_stats(self) -> dict[str, float]:

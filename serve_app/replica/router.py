@@ -30,7 +30,7 @@ from ray.serve.metrics import Counter
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from serve_app.affinity import AffinityKey, choose_group
-from serve_app.channel import targeted_replica
+from serve_app.channel import is_subscription, targeted_replica
 
 # Decisions waiting for their request to be accepted; bounded because a request cancelled while it is being
 # routed never reaches `on_request_routed`.
@@ -47,13 +47,13 @@ class CacheAffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Without this Serve retries a full set of groups in a busy loop instead of backing off.
+            pending_request.routing_context.should_backoff = True
         target = targeted_replica(candidate_replicas, pending_request)
         if target is not None:  # a stage's channel subscription (serve_app/channel.py), not a request
             return [[target]]
         key = _affinity(pending_request)
-        if pending_request is not None:
-            # Without this Serve retries a full set of groups in a busy loop instead of backing off.
-            pending_request.routing_context.should_backoff = True
         if key is None or len(candidate_replicas) < 2:
             self._remember(pending_request, None, "no_key" if key is None else "affinity", key)
             return [candidate_replicas]
@@ -65,6 +65,8 @@ class CacheAffinityRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
+        if is_subscription(pending_request):
+            return
         preferred, reason, source = self._decisions.pop(pending_request.metadata.internal_request_id,
                                                         (None, "no_key", "none"))
         if preferred is not None and replica_id != preferred:

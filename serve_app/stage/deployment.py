@@ -54,5 +54,5 @@ class ChatStage:
 
     async def subscribe(self, subscriber: str, channel_target: str) -> AsyncIterator[list]:
         """The caller's channel (`serve_app.channel`); `channel_target` is this replica, for the router."""
-        async for batch in self.hub.subscribe(subscriber):
+        async for batch in self.hub.subscribe(subscriber, channel_target):
             yield batch

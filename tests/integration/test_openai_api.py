@@ -126,6 +126,49 @@ def test_openai_client_async_concurrent(server):
     assert len(set(texts)) == 1 and texts[0]  # greedy: every concurrent request, streamed or not, agrees
 
 
+def test_a_client_that_leaves_mid_stream_does_not_cut_the_streams_beside_it(server):
+    """The streams of one replica share a channel subscription (serve_app/channel.py), opened inside
+    whichever request needed it first; that request's cancellation must not take the subscription along."""
+    from serve_app.channel import SUBSCRIPTION_LINGER_S
+
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 48, "temperature": 0, "logit_bias": {"2": -100},
+            "stream": True, "stream_options": {"include_usage": True}}
+
+    async def first_content(lines) -> None:
+        async for line in lines:
+            if line.startswith("data: {") and '"content": "' in line and '"role"' not in line:
+                return
+
+    async def to_the_end(lines) -> tuple[int, str | None]:
+        tokens, reason = 0, None
+        async for line in lines:
+            if line.startswith("data: {"):
+                chunk = json.loads(line[len("data: "):])
+                assert "error" not in chunk, chunk
+                reason = next((c["finish_reason"] for c in chunk["choices"] if c.get("finish_reason")), reason)
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+        return tokens, reason
+
+    async def run():
+        await asyncio.sleep(SUBSCRIPTION_LINGER_S + 1)  # earlier tests' subscriptions have lapsed: the first
+        async with httpx.AsyncClient(base_url=f"{server}/v1", timeout=300) as http:  # stream opens them
+            leaver = await http.send(http.build_request("POST", "/chat/completions", json=body), stream=True)
+            leaver_lines = leaver.aiter_lines()
+            await first_content(leaver_lines)
+            others = [await http.send(http.build_request("POST", "/chat/completions", json=body), stream=True)
+                      for _ in range(3)]
+            lines = [response.aiter_lines() for response in others]
+            for each in lines:
+                await first_content(each)
+            await leaver.aclose()  # the client goes away mid-stream
+            ends = await asyncio.gather(*(to_the_end(each) for each in lines))
+            for response in others:
+                await response.aclose()
+            return ends
+
+    assert asyncio.run(run()) == [(48, "length")] * 3
+
+
 def _usage_of(client: openai.OpenAI, stream: bool, **request):
     """The usage the client sees, from the body or from a stream's usage chunk (`include_usage`), and the
     reply's text."""

@@ -8,12 +8,16 @@ generator. Calls go to the servers round robin, and a subscription to the one it
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 
 import pytest
 
 from serve_app.channel import ChannelClient, ChannelHub, ChannelTicket
-from serve_app.errors import OverloadedError
+from serve_app.errors import OverloadedError, ServiceUnavailableError
+
+# Stands for Serve's request context, which a call made inside a request is filed under.
+REQUEST = contextvars.ContextVar("request", default=None)
 
 
 class _RemoteStream:
@@ -51,20 +55,24 @@ class _RemoteStream:
 class _Server:
     """A replica whose `generate(count)` yields `[name, i]` lists, one per loop turn."""
 
-    def __init__(self, name: str, channels: bool = True, fail_after: int | None = None, linger_s: float = 2.0):
+    def __init__(self, name: str, channels: bool = True, fail_after: int | None = None, linger_s: float = 2.0,
+                 error: type[Exception] = OverloadedError):
         self.name = name
+        self.error = error
         self.hub = ChannelHub(name, linger_s=linger_s)
         self.channels = channels
         self.fail_after = fail_after
         self.closed: list[int] = []  # counts of streams whose generator ran its finally
         self.subscription_messages = 0
         self.subscription_delay_s = 0.0
+        self.subscription_fails_after: int | None = None  # messages, then the subscription call fails
+        self.subscription_contexts: list = []
 
     async def _produce(self, count: int):
         try:
             for i in range(count):
                 if self.fail_after is not None and i == self.fail_after:
-                    raise OverloadedError("too busy", retry_after=1.0)
+                    raise self.error("too busy")
                 yield [(self.name, i)]
                 await asyncio.sleep(0)
         finally:
@@ -80,8 +88,10 @@ class _Server:
             yield item
 
     async def subscribe(self, subscriber: str, channel_target: str):
-        assert channel_target == self.name
-        async for batch in self.hub.subscribe(subscriber):
+        self.subscription_contexts.append(REQUEST.get())
+        async for batch in self.hub.subscribe(subscriber, channel_target):
+            if self.subscription_fails_after is not None and self.subscription_messages >= self.subscription_fails_after:
+                raise RuntimeError("the subscription's connection broke")
             self.subscription_messages += 1
             await asyncio.sleep(self.subscription_delay_s)
             yield batch
@@ -97,6 +107,7 @@ class _Method:
 
     def remote(self, *args, **kwargs):
         target = kwargs.get("channel_target")
+        target = self._handle.unreachable.get(target, target)
         server = self._handle.by_name[target] if target is not None else next(self._handle.turns)
         return _RemoteStream(getattr(server, self._name)(*args, **kwargs))
 
@@ -104,6 +115,7 @@ class _Method:
 class _Handle:
     def __init__(self, servers: list[_Server]):
         self.by_name = {server.name: server for server in servers}
+        self.unreachable: dict[str, str] = {}  # a subscription to the first lands on the second
         self.turns = itertools.cycle(servers)
         self.generate = _Method(self, "generate")
         self.subscribe = _Method(self, "subscribe")
@@ -247,3 +259,90 @@ def test_a_stream_whose_end_overtakes_its_items_waits_for_them():
         return await _read_all(ChannelClient(_Handle([server])).stream("generate", 10))
 
     assert asyncio.run(scenario()) == [("a", i) for i in range(10)]
+
+
+def test_a_subscription_opened_inside_a_request_runs_outside_its_context():
+    """Serve files a call under the request whose context makes it; the shared subscription must not be
+    cancelled with whichever request happened to open it."""
+    server = _Server("a")
+
+    async def scenario():
+        client = ChannelClient(_Handle([server]))
+        REQUEST.set("user-a")
+        return await _read_all(client.stream("generate", 10))
+
+    assert asyncio.run(scenario()) == [("a", i) for i in range(10)]
+    assert server.subscription_contexts and set(server.subscription_contexts) == {None}
+
+
+def test_a_failed_subscription_fails_its_streams_retryably_and_cancels_their_calls():
+    server = _Server("a")
+    server.subscription_fails_after = 1
+
+    async def scenario():
+        client = ChannelClient(_Handle([server]))
+
+        async def read(count):
+            items = []
+            with pytest.raises(ServiceUnavailableError):
+                async for batch in client.stream("generate", count):
+                    items.extend(batch)
+            return items
+
+        got = await asyncio.wait_for(asyncio.gather(read(10_000), read(10_000)), 10)
+        for _ in range(1000):
+            if len(server.closed) == 2:
+                break
+            await asyncio.sleep(0.001)
+        return got
+
+    for items in asyncio.run(scenario()):
+        assert items == [("a", i) for i in range(len(items))]  # what came is whole up to the failure
+    assert server.closed == [10_000, 10_000]
+
+
+def test_a_stream_on_a_replica_its_subscription_cannot_reach_gets_its_items_with_its_end():
+    """The router lost the replica (it is stopping): the subscription lands on another, which has nothing for
+    it and must not take over the subscription of its own streams."""
+    servers = [_Server("a"), _Server("b")]
+
+    async def scenario():
+        handle = _Handle(servers)
+        handle.unreachable["a"] = "b"
+        client = ChannelClient(handle)
+        return await asyncio.wait_for(asyncio.gather(*(_read_all(client.stream("generate", 20)) for _ in range(4))),
+                                      10)
+
+    assert asyncio.run(scenario()) == [[(name, i) for i in range(20)] for name in "abab"]
+
+
+def test_a_stream_dropped_unread_leaves_no_subscription_behind():
+    server = _Server("a", linger_s=0.01)
+
+    async def scenario():
+        client = ChannelClient(_Handle([server]))
+        stream = client.stream("generate", 5)
+        await stream.__anext__()  # then never read again, nor cancelled
+        for _ in range(2000):
+            if not client._streams and not client._readers:
+                break
+            await asyncio.sleep(0.001)
+        return client
+
+    client = asyncio.run(scenario())
+    assert not client._streams and not client._readers
+
+
+def test_an_unexpected_error_comes_after_the_items_before_it():
+    server = _Server("a", fail_after=5, error=RuntimeError)
+    server.subscription_delay_s = 0.05
+
+    async def scenario():
+        stream = ChannelClient(_Handle([server])).stream("generate", 30)
+        items = []
+        with pytest.raises(RuntimeError, match="too busy"):
+            async for batch in stream:
+                items.extend(batch)
+        return items
+
+    assert asyncio.run(scenario()) == [("a", i) for i in range(5)]

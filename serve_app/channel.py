@@ -9,14 +9,17 @@ open) and its end travel on it. Everything in between goes into the caller's mai
 and one long-lived `subscribe` call per (caller process, serving replica) carries every mailbox item at once.
 
 - `ChannelHub` (serving side) runs a stream for a `ChannelTicket`: `serve()` yields `ChannelOpened` (with
-  the first item), puts the rest in the caller's mailbox, and ends with `ChannelEnd` (how many items it put
-  there, and a `ServiceError` that ended it, if one did). `subscribe()` drains a mailbox, one message per
-  `interval(open streams)` — what `StreamPacing` used to apply per stream — and ends once the caller has no
-  open stream here for `linger_s` (so a draining replica is not held up).
+  the first item), puts the rest in the caller's mailbox, and ends with `ChannelEnd` (how many items went
+  out through the subscription, those that no subscription was there to send, and the error that ended the
+  stream, if one did). `subscribe()` drains a mailbox, one message per `interval(open streams)` — what
+  `StreamPacing` used to apply per stream — and ends once the caller has no open stream here for
+  `linger_s` (so a draining replica is not held up).
 - `ChannelClient` (calling side) makes each call look like Serve's own stream (`__anext__`, `cancel()`):
   `ChannelStream` reads its first item from the call, the rest from the subscription to the replica that
   `ChannelOpened` names, and ends once `ChannelEnd`'s count of items has arrived. Items are lists; a read
-  returns every list that has arrived, concatenated, as one.
+  returns every list that has arrived, concatenated, as one. The subscription runs outside any request's
+  context (Serve would cancel it with the request that opened it); if it fails, the streams it carried
+  end with a retryable 503.
 
 A subscription reaches its replica through the deployment's request router: `channel_target` in the call's
 keyword arguments names the replica (`targeted_replica`). A server that predates channels answers with a

@@ -184,6 +184,8 @@ class ChannelHub:
                             await asyncio.wait_for(box.changed.wait(), hold)
                         except asyncio.TimeoutError:
                             pass
+                        if box.subscription != mine:  # replaced while it waited: the newer one sends
+                            break
                         if not box.flush:
                             continue
                     batch, box.items, box.flush = box.items, [], False
@@ -211,6 +213,11 @@ async def _close(stream: AsyncIterator[Any]) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
+
+
+def _lost_in_transit() -> ServiceUnavailableError:
+    return ServiceUnavailableError("The service lost part of this response in transit. Please retry.",
+                                   retry_after=1.0)
 
 
 class _Failed:
@@ -310,9 +317,14 @@ class ChannelStream:
         except StopAsyncIteration:
             message = None
         except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # cancelled by `cancel_call()`
+                return
+            self._mailed(_Failed(_lost_in_transit()))  # Serve cancelled the call itself
+            self._detach()
             return
         except BaseException as exc:  # noqa: BLE001 - the reader raises it, after what came before it
             self._mailed(_Failed(exc))
+            self._detach()
             return
         if not isinstance(message, ChannelEnd):
             self._mailed(_Failed(RuntimeError(f"a channelled call sent {type(message).__name__} after its first item")))
@@ -389,11 +401,17 @@ class ChannelClient:
                             if stream is not None:
                                 stream._mailed(item)
                 except asyncio.CancelledError:
+                    subscription.cancel()
                     if asyncio.current_task().cancelling():
                         raise
                     self._fail_streams_at(replica, "cancelled")
                 except Exception as exc:  # noqa: BLE001 - any failure of the call is one of the subscription
-                    self._fail_streams_at(replica, type(exc).__name__)
+                    subscription.cancel()  # so that the hub stops taking items for nobody at once
+                    if type(exc).__name__ == "BackPressureError":  # Serve refused it: it took nothing, retry
+                        logger.warning("a channel subscription to replica %s was refused (%s); retrying",
+                                       replica, type(exc).__name__)
+                    else:
+                        self._fail_streams_at(replica, type(exc).__name__)
                 if delivered:
                     backoff = RESUBSCRIBE_BACKOFF_S[0]
                 elif self._keys_at.get(replica):
@@ -408,8 +426,7 @@ class ChannelClient:
         keys = self._keys_at.get(replica, set())
         logger.warning("a channel subscription to replica %s failed (%s); its %d streams fail", replica, why,
                        len(keys))
-        error = ServiceUnavailableError("The service lost part of this response in transit. Please retry.",
-                                        retry_after=1.0)
+        error = _lost_in_transit()
         for key in list(keys):
             stream = self._streams.get(key)
             if stream is not None:

@@ -106,16 +106,29 @@ class _Method:
         return self
 
     def remote(self, *args, **kwargs):
+        if self._name == "subscribe" and self._handle.refusals:
+            self._handle.refusals -= 1
+            return _RemoteStream(_refused())
         target = kwargs.get("channel_target")
         target = self._handle.unreachable.get(target, target)
         server = self._handle.by_name[target] if target is not None else next(self._handle.turns)
         return _RemoteStream(getattr(server, self._name)(*args, **kwargs))
 
 
+class BackPressureError(Exception):
+    """Named as Serve's: a call refused before it reached any replica."""
+
+
+async def _refused():
+    raise BackPressureError("the handle's queue is full")
+    yield
+
+
 class _Handle:
     def __init__(self, servers: list[_Server]):
         self.by_name = {server.name: server for server in servers}
         self.unreachable: dict[str, str] = {}  # a subscription to the first lands on the second
+        self.refusals = 0  # subscriptions Serve refuses (its queue is full) before any reaches a server
         self.turns = itertools.cycle(servers)
         self.generate = _Method(self, "generate")
         self.subscribe = _Method(self, "subscribe")
@@ -346,3 +359,14 @@ def test_an_unexpected_error_comes_after_the_items_before_it():
         return items
 
     assert asyncio.run(scenario()) == [("a", i) for i in range(5)]
+
+
+def test_a_subscription_serve_refuses_is_retried_and_no_stream_fails():
+    server = _Server("a")
+
+    async def scenario():
+        handle = _Handle([server])
+        handle.refusals = 2
+        return await asyncio.wait_for(_read_all(ChannelClient(handle).stream("generate", 20)), 10)
+
+    assert asyncio.run(scenario()) == [("a", i) for i in range(20)]

@@ -3,7 +3,7 @@
 A thin wrapper. The replica owns ranks 1..N-1 (actors in its placement-group bundles) and, by default,
 runs rank 0's engine in a child process (`process_host.EngineProcess`), or on a thread of its own
 (`thread_host.EngineThread`); `EngineClient` turns the engine's reports into one stream per `generate`
-call. Serve's health check and the engine-load autoscaling policy read the engine's state from here; the
+call, which reaches its caller through the replica's channel hub (`serve_app.channel`). Serve's health check and the engine-load autoscaling policy read the engine's state from here; the
 group publishes its status on the application's status board (what the ingress's `/health` and `/metrics`
 read) and exports its engine gauges through Ray's metrics (`metrics.ReplicaReporter`).
 """

@@ -1,7 +1,7 @@
 """The sampling/postprocessing stage's Serve deployment: CPU-only, scaled apart from the GPU replicas.
 
-A thin wrapper over `processor.ChatProcessor`, which reaches the replica group through this deployment's
-handle. `max_queued_requests` is bounded by default (a config's `deployments.stage` may override it), so a
+A thin wrapper over `processor.ChatProcessor`, which reaches the replica groups through a channel client
+(`serve_app.channel`), and whose streams reach the ingress through this replica's channel hub. `max_queued_requests` is bounded by default (a config's `deployments.stage` may override it), so a
 flood of requests is refused by Serve at once (`BackPressureError`, mapped to 503 + Retry-After by the
 ingress) instead of queueing without end.
 """

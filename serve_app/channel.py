@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.errors import ServiceError, ServiceUnavailableError
+from serve_app.errors import ServiceError, ServiceUnavailableError, is_serve_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,11 @@ class ChannelStream:
             self._detach_when_complete()
         self._wake.set()
 
+    def _fail(self, error: BaseException) -> None:
+        """End the stream with `error`, after what has arrived; it needs the subscription no more."""
+        self._mailed(_Failed(error))
+        self._detach()
+
     def _detach_when_complete(self) -> None:
         # Once the end and every item it counts are here the stream needs the subscription no more: detached
         # now, not when read, so that a stream its consumer drops unread does not keep a subscription open.
@@ -317,17 +322,14 @@ class ChannelStream:
         except StopAsyncIteration:
             message = None
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # cancelled by `cancel_call()`
-                return
-            self._mailed(_Failed(_lost_in_transit()))  # Serve cancelled the call itself
-            self._detach()
+            if not asyncio.current_task().cancelling():  # Serve cancelled the call, not `cancel_call()`
+                self._fail(_lost_in_transit())
             return
         except BaseException as exc:  # noqa: BLE001 - the reader raises it, after what came before it
-            self._mailed(_Failed(exc))
-            self._detach()
+            self._fail(exc)
             return
         if not isinstance(message, ChannelEnd):
-            self._mailed(_Failed(RuntimeError(f"a channelled call sent {type(message).__name__} after its first item")))
+            self._fail(RuntimeError(f"a channelled call sent {type(message).__name__} after its first item"))
             return
         self._expected, self._tail, self._end_error = message.items, list(message.tail), message.error
         self._detach_when_complete()
@@ -407,7 +409,7 @@ class ChannelClient:
                     self._fail_streams_at(replica, "cancelled")
                 except Exception as exc:  # noqa: BLE001 - any failure of the call is one of the subscription
                     subscription.cancel()  # so that the hub stops taking items for nobody at once
-                    if type(exc).__name__ == "BackPressureError":  # Serve refused it: it took nothing, retry
+                    if is_serve_refusal(exc):  # it reached no replica and took nothing: retry
                         logger.warning("a channel subscription to replica %s was refused (%s); retrying",
                                        replica, type(exc).__name__)
                     else:
@@ -430,7 +432,7 @@ class ChannelClient:
         for key in list(keys):
             stream = self._streams.get(key)
             if stream is not None:
-                stream._mailed(_Failed(error))
+                stream._fail(error)
                 stream.cancel_call()
 
 

@@ -259,18 +259,23 @@ BACKPRESSURE_RETRY_AFTER_S = 1.0
 RAY_ACTOR_GONE = frozenset({"RayActorError", "ActorUnavailableError"})
 
 
+def is_serve_refusal(exc: BaseException) -> bool:
+    """Ray Serve refused the call before any replica took it (`ray.serve.exceptions.BackPressureError`)."""
+    return type(exc).__name__ == "BackPressureError"
+
+
 def to_service_error(exc: BaseException) -> ServiceError:
     """The typed error that `exc` stands for; unknown exceptions become an `InternalError`.
 
     Ray Serve's own refusal (a deployment's `max_queued_requests` reached) is an overload, not a bug: 503
-    with Retry-After, so clients back off instead of reporting a server fault. It is matched by name, here
-    only, so that the engine's processes never import Ray to map an error.
+    with Retry-After, so clients back off instead of reporting a server fault. It is matched by name
+    (`is_serve_refusal`), so that the engine's processes never import Ray to map an error.
     """
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, ValidationError):
         return from_validation_error(exc)
-    if type(exc).__name__ == "BackPressureError":  # ray.serve.exceptions.BackPressureError
+    if is_serve_refusal(exc):
         return ServiceUnavailableError("The server is overloaded. Please retry shortly.",
                                        retry_after=BACKPRESSURE_RETRY_AFTER_S)
     if RAY_ACTOR_GONE & {cls.__name__ for cls in type(exc).__mro__}:

@@ -112,13 +112,14 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, model_config: ModelConfig, engine: EngineConfig, rank: int,
                  world_size: int):
-        self.model = llama.fuse_projections(model)  # this rank's shard, in the layout `llama.forward` runs
+        self.device = next(model.parameters()).device
+        # This rank's shard, in the layout `llama.forward` runs (input-major where the CPU's matmul wants it).
+        self.model = llama.fuse_projections(model, input_major=self.device.type == "cpu")
         self.rank = rank
         self.world_size = world_size
         # Rank 0 sends every step message from it, a follower receives each into it (gloo's broadcast returns
         # once the message has left or arrived, so one buffer serves every step).
         self._step_message = torch.empty(STEP_MESSAGE_SIZE, dtype=torch.int64) if world_size > 1 else None
-        self.device = next(model.parameters()).device
         self.block_size = engine.block_size
         self._decode_gather_tokens = engine.decode_gather_tokens
         self.vocab_size = model.config.vocab_size

@@ -12,6 +12,13 @@ another, so a decoder layer dispatches 4 matmuls instead of 7. On a GPU a small 
 host launching kernels, so every kernel a layer saves is time, x layers, every step. For the same reason
 the norms are `F.rms_norm` (one kernel; transformers' module is seven) and the rotary embedding is applied
 to queries and keys together.
+
+On CPU the same function also stores the widening projections (q/k/v, gate/up and the vocabulary head)
+input-major: the weight keeps its `[out, in]` shape but its memory is `[in, out]`, so `F.linear` hands
+PyTorch's CPU matmul a contiguous `[in, out]` operand. For a small decode batch that matmul runs several
+times faster against the vocabulary head than the row-major one does (`docs/benchmarks.md`), and the head is
+most of a small model's decode step. Every output is the same dot product; only the order of its additions
+can differ. GPUs keep the checkpoint's layout: cuBLAS reads either at the same speed.
 """
 
 from __future__ import annotations
@@ -28,30 +35,43 @@ def layout(model: torch.nn.Module) -> tuple[int, int, int]:
     return len(model.model.layers), first.qkv_sizes[1] // first.head_dim, first.head_dim
 
 
-def fuse_projections(model: torch.nn.Module) -> torch.nn.Module:
+def fuse_projections(model: torch.nn.Module, input_major: bool = False) -> torch.nn.Module:
     """q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`, on this rank's shard; idempotent.
 
     Each output column is still the same dot product of the same weights, so the logits do not change; the
-    original modules are dropped, so the weights are not held twice.
+    original modules are dropped, so the weights are not held twice. `input_major` (for CPU ranks) stores
+    the fused projections and the head `[in, out]` in memory (the module docstring says why).
     """
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if hasattr(attn, "qkv_proj"):
             continue
         attn.qkv_sizes = (attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0])
-        attn.qkv_proj = _concatenated([attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.qkv_proj = _concatenated([attn.q_proj, attn.k_proj, attn.v_proj], input_major)
         del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp.gate_up_proj = _concatenated([mlp.gate_proj, mlp.up_proj])
+        mlp.gate_up_proj = _concatenated([mlp.gate_proj, mlp.up_proj], input_major)
         del mlp.gate_proj, mlp.up_proj
+    head = model.lm_head
+    # A head tied to the embedding stays as it is: its input-major copy would hold the vocabulary twice.
+    tied = head.weight is model.model.embed_tokens.weight
+    if input_major and not tied and not is_input_major(head.weight):
+        head.weight = torch.nn.Parameter(head.weight.detach().t().contiguous().t(), requires_grad=False)
     return model
 
 
-def _concatenated(projections: list[torch.nn.Module]) -> torch.nn.Linear:
-    weights = [projection.weight for projection in projections]
+def is_input_major(weight: torch.Tensor) -> bool:
+    """Whether an `[out, in]` weight's memory is laid out `[in, out]`."""
+    return weight.dim() == 2 and weight.shape[0] > 1 and weight.stride() == (1, weight.shape[0])
+
+
+def _concatenated(projections: list[torch.nn.Module], input_major: bool) -> torch.nn.Linear:
+    weights = [projection.weight.detach() for projection in projections]
     biases = [getattr(projection, "bias", None) for projection in projections]
     fused = torch.nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=biases[0] is not None,
                             device="meta")
-    fused.weight = torch.nn.Parameter(torch.cat(weights), requires_grad=False)
+    # Input-major: the concatenation of the transposes, written once, viewed back as `[out, in]`.
+    weight = torch.cat([w.t() for w in weights], dim=1).t() if input_major else torch.cat(weights)
+    fused.weight = torch.nn.Parameter(weight, requires_grad=False)
     if biases[0] is not None:
         fused.bias = torch.nn.Parameter(torch.cat(biases), requires_grad=False)
     return fused

@@ -32,7 +32,8 @@ class ColumnParallelHead(torch.nn.Module):
     """A linear layer split along its input features: each rank multiplies its slice of the hidden state by its
     slice of the weight's columns, and the partial products are summed over the group."""
 
-    def __init__(self, linear: torch.nn.Linear, rank: int, world_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, linear: torch.nn.Linear, rank: int, world_size: int, dtype: torch.dtype,
+                 input_major: bool = False) -> None:
         super().__init__()
         if linear.bias is not None:
             raise ValueError("a column-parallel head has no bias: it would be summed once per rank")
@@ -40,7 +41,12 @@ class ColumnParallelHead(torch.nn.Module):
         self.start = sum(bounds[:rank])
         self.stop = self.start + bounds[rank]
         # .to(copy=True) makes the slice this rank's own tensor, so the full (memory-mapped) weight is dropped.
-        weight = linear.weight.detach()[:, self.start:self.stop].to(dtype, copy=True).contiguous()
+        # Input-major (CPU ranks, `models/llama.py` says why) is the same single copy, of the transpose.
+        columns = linear.weight.detach()[:, self.start:self.stop]
+        if input_major:
+            weight = columns.t().to(dtype, copy=True).contiguous().t()
+        else:
+            weight = columns.to(dtype, copy=True).contiguous()
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         from deepspeed.comm import inference_all_reduce
 
@@ -153,7 +159,8 @@ def shard_model(model: torch.nn.Module, world_size: int, dtype: torch.dtype, dev
     # sequences attend to the wrong places. transformers keeps them float32 whatever the weights' dtype.
     kept = {name: buffer for name, buffer in model.named_buffers() if buffer.dtype == torch.float32}
     # AutoTP leaves a head that is not an nn.Linear alone (its `set_lm_head` looks for one).
-    model.lm_head = ColumnParallelHead(model.lm_head, dist.get_rank(), world_size, dtype)
+    model.lm_head = ColumnParallelHead(model.lm_head, dist.get_rank(), world_size, dtype,
+                                       input_major=device_type == "cpu")
     sharded = deepspeed.init_inference(model, tensor_parallel={"tp_size": world_size}, dtype=dtype,
                                        replace_with_kernel_inject=False).module
     for name, buffer in kept.items():

@@ -16,6 +16,7 @@ from serve_app.engine.sampler import PenaltyTable, SamplingBatch, sample
 from serve_app.engine.sampling_params import SamplingParams
 from serve_app.engine.sequence import ChoiceId, EngineRequest, FinishReason, RequestOutput, Sequence
 from serve_app.errors import InvalidRequestError
+from serve_app.models import llama
 
 MAX_NEW = 24
 
@@ -205,6 +206,8 @@ def test_a_half_precision_tp_group_keeps_the_rotary_frequencies_in_float32(tiny_
         assert rotary.inv_freq.dtype == torch.float32
         assert torch.equal(rotary.inv_freq, exact.inv_freq)
         assert engine.runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+        # The CPU rank's head shard is input-major (`models/llama.py`), and DeepSpeed's cast kept it so.
+        assert llama.is_input_major(engine.runner.model.lm_head.weight)
         engine.add_request(_request("half", [1, 15043, 29991], SamplingParams(max_tokens=4, temperature=0)))
         tokens = [t for _ in range(8) if engine.has_unfinished() for o in engine.step() for t in o.new_token_ids]
         assert len(tokens) == 4

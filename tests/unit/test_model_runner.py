@@ -209,3 +209,23 @@ def test_decode_rows_go_in_calls_by_length_within_the_gather_bound():
         assert padded <= 256 or len(group) == 1
     assert group_decode_rows(rows, context_lens, block_size=16, max_tokens=10**9) == [[5, 1, 4, 3, 0, 2, 6]]
     assert group_decode_rows([], context_lens, block_size=16, max_tokens=256) == []
+
+
+def test_on_cpu_the_widening_weights_are_input_major_and_the_logits_unchanged(tiny_checkpoint):
+    """A CPU rank stores q/k/v, gate/up and the vocabulary head `[in, out]` in memory (the layout its matmul
+    runs fastest at small batches, `models/llama.py`); every logit is the same dot product as with the
+    checkpoint's layout, up to the order of its additions."""
+    model, engine = _configs(tiny_checkpoint, max_num_seqs=8, max_num_batched_tokens=256)
+    runner = ModelRunner(load_rank_model(model, engine, 1), model, engine, rank=0, world_size=1)
+    layer = runner.model.model.layers[0]
+    for weight in (layer.self_attn.qkv_proj.weight, layer.mlp.gate_up_proj.weight, runner.model.lm_head.weight):
+        assert llama.is_input_major(weight)
+    step = model_runner._step_of([1, 1, 30], 64, engine.block_size)
+    step.input_ids = random.Random(3).choices(range(32000), k=len(step.input_ids))
+    input_major_logits = runner._run(step.packed())
+
+    runner.model = llama.fuse_projections(load_rank_model(model, engine, 1), input_major=False)
+    assert not llama.is_input_major(runner.model.lm_head.weight)
+    checkpoint_layout_logits = runner._run(step.packed())
+    torch.testing.assert_close(input_major_logits, checkpoint_layout_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(input_major_logits.argmax(-1), checkpoint_layout_logits.argmax(-1))

@@ -126,8 +126,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--one-at-a-time-requests", type=int, default=4)
-    parser.add_argument("--static-batch", type=int, default=32)
+    parser.add_argument("--one-at-a-time-requests", type=int, default=4, help="0: skip generate one at a time")
+    parser.add_argument("--static-batch", type=int, default=32, help="0: skip generate's static batch")
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs per figure")
     parser.add_argument("--kv-cache-bytes", type=int, default=256 * 2**20, help="CPU only")
     parser.add_argument("--shared-prefix-len", type=int, default=0,
@@ -176,17 +176,19 @@ def main() -> None:
         long_context_figures(args, model_config, engine_config, results)
         engine = start_engine(model_config, engine_config)
 
-    singles = prompts(args.one_at_a_time_requests, args.prompt_len, seed=7)
-    one_at_a_time = [run_generate(hf_model, [prompt], args.output_len) for prompt in singles]
-    results["generate_one_at_a_time"] = statistics.median(one_at_a_time)
-    print(f"generate, one at a time: {results['generate_one_at_a_time']:9.1f} tok/s", flush=True)
-    static = prompts(args.static_batch, args.prompt_len, seed=args.static_batch)
-    results[f"generate_static_batch_{args.static_batch}"] = median_of(
-        args.repeats, lambda: run_generate(hf_model, static, args.output_len))
-    print(f"generate, static batch of {args.static_batch}: "
-          f"{results[f'generate_static_batch_{args.static_batch}']:9.1f} tok/s", flush=True)
+    if args.one_at_a_time_requests:
+        singles = prompts(args.one_at_a_time_requests, args.prompt_len, seed=7)
+        one_at_a_time = [run_generate(hf_model, [prompt], args.output_len) for prompt in singles]
+        results["generate_one_at_a_time"] = statistics.median(one_at_a_time)
+        print(f"generate, one at a time: {results['generate_one_at_a_time']:9.1f} tok/s", flush=True)
+    if args.static_batch:
+        static = prompts(args.static_batch, args.prompt_len, seed=args.static_batch)
+        results[f"generate_static_batch_{args.static_batch}"] = median_of(
+            args.repeats, lambda: run_generate(hf_model, static, args.output_len))
+        print(f"generate, static batch of {args.static_batch}: "
+              f"{results[f'generate_static_batch_{args.static_batch}']:9.1f} tok/s", flush=True)
 
-    if top == args.static_batch:
+    if top == args.static_batch and args.one_at_a_time_requests:
         results["ratio_vs_static_batch"] = results[f"engine_c{top}"] / results[f"generate_static_batch_{top}"]
         results["ratio_vs_one_at_a_time"] = results[f"engine_c{top}"] / results["generate_one_at_a_time"]
         print(f"engine at {top} / static batch: {results['ratio_vs_static_batch']:.2f}x (target >= 0.9)")

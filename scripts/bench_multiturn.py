@@ -12,7 +12,9 @@ and reports for turns 2 and later:
   reuse, `docs/engine.md`), the share its `usage.prompt_tokens_details.cached_tokens` says it found; and
   cached tokens as a share of all prompt tokens (which also counts the answer's tokens where they survive
   the round trip through text, and the shared system prompt);
-* **TTFT** p50 / p90 (streamed, to the first content chunk), and the routed-to-default ratio.
+* **TTFT** p50 / p90 (streamed, to the first content chunk), and the routed-to-default ratio; and the p50
+  split between turns that found all they could reuse and those that missed it, with the tokens each had
+  left to prefill (what a miss costs, against what every turn waits anyway).
 
     python scripts/bench_multiturn.py --max-model-len 4096  # tiny model, 2 groups at tp=1, on this machine
     python scripts/bench_multiturn.py --config configs/llama2-7b-chat.yaml --tensor-parallel-size 1 \\
@@ -131,6 +133,19 @@ def summarize(turns: list[Turn]) -> dict[str, float]:
         "ttft_p50_ms": 1000 * statistics.median(ttfts),
         "ttft_p90_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
         "first_turn_ttft_p50_ms": 1000 * statistics.median(t.ttft_s for t in turns if t.turn == 0),
+        # Where the p50 comes from: turns that found all they could reuse against those that did not, with
+        # what each had left to prefill.
+        **_split("found", [t for t in later if t.cached_tokens >= t.reusable_tokens]),
+        **_split("missed", [t for t in later if t.cached_tokens < t.reusable_tokens]),
+    }
+
+
+def _split(name: str, part: list[Turn]) -> dict[str, float]:
+    return {
+        f"{name}_turns": len(part),
+        f"{name}_ttft_p50_ms": 1000 * statistics.median(t.ttft_s for t in part) if part else math.nan,
+        f"{name}_uncached_tokens_p50": statistics.median(t.prompt_tokens - t.cached_tokens for t in part)
+        if part else math.nan,
     }
 
 
@@ -231,7 +246,10 @@ def main() -> None:
                 print(f"round {round_index + 1} {policy:>14}: reuse {summary['reuse_share']:.1%} of reusable, "
                       f"cached {summary['cached_share_of_prompt']:.1%} of prompt tokens, TTFT p50 "
                       f"{summary['ttft_p50_ms']:.1f} ms p90 {summary['ttft_p90_ms']:.1f} ms "
-                      f"({summary['later_turns']} later turns)", flush=True)
+                      f"({summary['later_turns']} later turns; {summary['found_turns']} found their history: TTFT "
+                      f"p50 {summary['found_ttft_p50_ms']:.1f} ms, {summary['found_uncached_tokens_p50']:.0f} tokens "
+                      f"to prefill; {summary['missed_turns']} missed it: {summary['missed_ttft_p50_ms']:.1f} ms, "
+                      f"{summary['missed_uncached_tokens_p50']:.0f} tokens)", flush=True)
                 serve.delete("multiturn")
     finally:
         serve.shutdown()

@@ -14,7 +14,8 @@ and reports for turns 2 and later:
   the round trip through text, and the shared system prompt);
 * **TTFT** p50 / p90 (streamed, to the first content chunk), and the routed-to-default ratio; and the p50
   split between turns that found all they could reuse and those that missed it, with the tokens each had
-  left to prefill (what a miss costs, against what every turn waits anyway).
+  left to prefill (what a miss costs), and TTFT p50 by tokens left to prefill (what every turn waits
+  anyway).
 
     python scripts/bench_multiturn.py --max-model-len 4096  # tiny model, 2 groups at tp=1, on this machine
     python scripts/bench_multiturn.py --config configs/llama2-7b-chat.yaml --tensor-parallel-size 1 \\
@@ -121,7 +122,7 @@ async def run_conversation(client: httpx.AsyncClient, model: str, index: int, sy
     return turns
 
 
-def summarize(turns: list[Turn]) -> dict[str, float]:
+def summarize(turns: list[Turn]) -> dict:
     later = [t for t in turns if t.turn >= 1]
     ttfts = sorted(t.ttft_s for t in later)
     reusable = sum(t.reusable_tokens for t in later)
@@ -137,16 +138,34 @@ def summarize(turns: list[Turn]) -> dict[str, float]:
         # what each had left to prefill.
         **_split("found", [t for t in later if t.cached_tokens >= t.reusable_tokens]),
         **_split("missed", [t for t in later if t.cached_tokens < t.reusable_tokens]),
+        # What a turn waits whatever it finds: TTFT p50 (and the turns) by tokens left to prefill.
+        "ttft_p50_ms_by_tokens_to_prefill": {
+            label: _p50_ms(bucket)
+            for label, low, high in PREFILL_BUCKETS
+            if (bucket := [t for t in later if low <= t.prompt_tokens - t.cached_tokens < high])},
     }
 
 
-def _split(name: str, part: list[Turn]) -> dict[str, float]:
+PREFILL_BUCKETS = (("0-99", 0, 100), ("100-199", 100, 200), ("200-399", 200, 400), ("400-799", 400, 800),
+                   ("800+", 800, 1 << 30))
+
+
+def _p50_ms(turns: list[Turn]) -> dict[str, float]:
+    return {"turns": len(turns), "ttft_p50_ms": 1000 * statistics.median(t.ttft_s for t in turns)}
+
+
+def _split(name: str, part: list[Turn]) -> dict[str, float | None]:
+    """None where no turn is in `part` (strict JSON has no NaN)."""
     return {
         f"{name}_turns": len(part),
-        f"{name}_ttft_p50_ms": 1000 * statistics.median(t.ttft_s for t in part) if part else math.nan,
+        f"{name}_ttft_p50_ms": 1000 * statistics.median(t.ttft_s for t in part) if part else None,
         f"{name}_uncached_tokens_p50": statistics.median(t.prompt_tokens - t.cached_tokens for t in part)
-        if part else math.nan,
+        if part else None,
     }
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def application_args(args: argparse.Namespace, policy: str) -> dict:
@@ -247,9 +266,13 @@ def main() -> None:
                       f"cached {summary['cached_share_of_prompt']:.1%} of prompt tokens, TTFT p50 "
                       f"{summary['ttft_p50_ms']:.1f} ms p90 {summary['ttft_p90_ms']:.1f} ms "
                       f"({summary['later_turns']} later turns; {summary['found_turns']} found their history: TTFT "
-                      f"p50 {summary['found_ttft_p50_ms']:.1f} ms, {summary['found_uncached_tokens_p50']:.0f} tokens "
-                      f"to prefill; {summary['missed_turns']} missed it: {summary['missed_ttft_p50_ms']:.1f} ms, "
-                      f"{summary['missed_uncached_tokens_p50']:.0f} tokens)", flush=True)
+                      f"p50 {_or_dash(summary['found_ttft_p50_ms'], '.1f')} ms, "
+                      f"{_or_dash(summary['found_uncached_tokens_p50'], '.0f')} tokens to prefill; "
+                      f"{summary['missed_turns']} missed it: {_or_dash(summary['missed_ttft_p50_ms'], '.1f')} ms, "
+                      f"{_or_dash(summary['missed_uncached_tokens_p50'], '.0f')} tokens)", flush=True)
+                print("  TTFT p50 by tokens to prefill: " + ", ".join(
+                    f"{bucket}: {cell['ttft_p50_ms']:.0f} ms ({cell['turns']})"
+                    for bucket, cell in summary["ttft_p50_ms_by_tokens_to_prefill"].items()), flush=True)
                 serve.delete("multiturn")
     finally:
         serve.shutdown()

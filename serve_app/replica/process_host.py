@@ -200,10 +200,13 @@ def _engine_process_main(pipe: Connection, model: ModelConfig, engine_config: En
     try:
         import setproctitle
     except ImportError:  # a machine with only the engine's own dependencies (a benchmark box): keep Python's
-        pass
+        setproctitle = None
     else:
         setproctitle.setproctitle(title)
     logging.basicConfig(level=logging.INFO)
+    if setproctitle is None:
+        logger.warning("setproctitle is not installed: the engine process keeps Python's name in ps, not %r",
+                       title)
     try:
         engine = build_engine(model, engine_config, address, listener=listener)
     except BaseException:  # noqa: BLE001 - the parent raises it

@@ -47,6 +47,19 @@ def _engine_processes() -> list[int]:
     return [pid for pid, (_, cmdline) in _processes().items() if cmdline.startswith("llama_serve::engine crash#")]
 
 
+def _the_engine() -> int:
+    """The one engine process of the `/crash` application; if there is not exactly one, fail saying what runs
+    under its replica groups instead (a recovery test that finds none has nothing to kill)."""
+    engines = _engine_processes()
+    if len(engines) != 1:
+        processes = _processes()
+        replicas = {pid for pid, (_, cmdline) in processes.items() if "crash:LlamaReplica" in cmdline}
+        children = {pid: cmdline[:120] for pid, (parent, cmdline) in processes.items() if parent in replicas}
+        pytest.fail(f"expected one engine process titled 'llama_serve::engine crash#...', found {engines}; "
+                    f"the crash replica groups' processes {sorted(replicas)} have the children {children}")
+    return engines[0]
+
+
 def _crash_args(tensor_parallel_size: int) -> dict:
     """configs/tiny.yaml's application at this tp, with one replica group, always: these tests kill its
     processes one by one, and the loads they apply would otherwise have the autoscaler add a second beside it."""
@@ -77,7 +90,7 @@ def _chat(base: str) -> httpx.Response:
 
 def test_a_dead_engine_is_a_503_until_serve_replaces_its_replica_group(crash_app):
     assert _chat(crash_app).status_code == 200
-    (engine,) = _engine_processes()
+    engine = _the_engine()
     os.kill(engine, signal.SIGKILL)
 
     # The replica reads the end of its pipe; from then on its requests are refused with a retryable 503.
@@ -207,7 +220,7 @@ def test_an_engine_killed_mid_stream_ends_the_stream_with_one_error_event(crash_
                                             extra_body={"min_p": 0, "logit_bias": {"2": -100}})
     chunks = iter(stream)
     next(chunks)  # the stream is open and generating
-    (engine,) = _engine_processes()
+    engine = _the_engine()
     os.kill(engine, signal.SIGKILL)
     with pytest.raises(openai.APIError) as raised:  # the SSE error event, as the official client reports it
         for _ in chunks:
@@ -239,7 +252,7 @@ def _pids(marker: str) -> set[int]:
 def test_a_replica_actor_killed_mid_stream_is_an_error_and_serve_replaces_it(crash_app):
     wait_until(lambda: _chat(crash_app).status_code == 200)
     # The serving group's replica is its engine's parent (a replaced one may still be shutting down beside it).
-    (engine,) = _engine_processes()
+    engine = _the_engine()
     replica = _processes()[engine][0]
     _stream_then(crash_app, lambda: os.kill(replica, signal.SIGKILL))
     wait_until(lambda: _chat(crash_app).status_code == 200)

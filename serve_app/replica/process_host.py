@@ -197,16 +197,14 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 def _engine_process_main(pipe: Connection, model: ModelConfig, engine_config: EngineConfig,
                          address: GroupAddress, listener: socket.socket | None, title: str) -> None:
+    logging.basicConfig(level=logging.INFO)
     try:
         import setproctitle
     except ImportError:  # a machine with only the engine's own dependencies (a benchmark box): keep Python's
-        setproctitle = None
-    else:
-        setproctitle.setproctitle(title)
-    logging.basicConfig(level=logging.INFO)
-    if setproctitle is None:
         logger.warning("setproctitle is not installed: the engine process keeps Python's name in ps, not %r",
                        title)
+    else:
+        setproctitle.setproctitle(title)
     try:
         engine = build_engine(model, engine_config, address, listener=listener)
     except BaseException:  # noqa: BLE001 - the parent raises it

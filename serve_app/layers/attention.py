@@ -91,7 +91,9 @@ class DecodeGroup:
 
     tokens: torch.Tensor  # [R] each row's token index in the step
     blocks: torch.Tensor  # [R * W] their block tables, flat, W = blocks of the group's longest row
-    valid: torch.Tensor  # [R, 1, 1, W * block_size] True where a row has context
+    valid: torch.Tensor | None  # [R, 1, 1, W * block_size] True where a row has context; None for one row
+    length: int  # the group's longest context: a single row attends to exactly this many gathered tokens
+    whole_step: bool  # the rows are the step's tokens 0..R-1, in order: no query gather, no output scatter
 
 
 @dataclass
@@ -139,7 +141,10 @@ class AttentionBatch:
                     device).view(3, len(rows))
                 decode = PagedDecodeRows(tokens, block_tables.index_select(0, members), lens)
             return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), [], decode)
-        grouped = group_decode_rows(rows, context_lens, block_size, decode_gather_tokens)
+        # Within a group the rows go in step order (each has its own mask), so that a decode-only step in one
+        # group is the step's tokens in order: its queries and its output need no gather.
+        grouped = [sorted(group) for group in group_decode_rows(rows, context_lens, block_size,
+                                                                 decode_gather_tokens)]
         indices: list[int] = []
         for group in grouped:
             indices += group
@@ -152,11 +157,16 @@ class AttentionBatch:
             size = len(group)
             members, tokens, lens = on_device[offset:offset + 3 * size].view(3, size)
             offset += 3 * size
-            width = -(-context_lens[group[-1]] // block_size)  # the group's longest row is its last
+            length = max(context_lens[b] for b in group)
+            width = -(-length // block_size)
+            # A lone row needs no mask: its gathered keys are cut to its length instead (a view).
+            valid = None if size == 1 else (
+                torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]
             groups.append(DecodeGroup(
                 tokens=tokens,
                 blocks=block_tables.index_select(0, members)[:, :width].flatten(),
-                valid=(torch.arange(width * block_size, device=device)[None, :] < lens[:, None])[:, None, None, :]))
+                valid=valid, length=length,
+                whole_step=size == query_starts[-1] and all(query_starts[b] == i for i, b in enumerate(group))))
         return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), groups)
 
 
@@ -198,8 +208,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     differ). The result is `[T, q_heads, D]`, contiguous.
     """
     kv_cache.write(layer, batch.slots, k, v)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     gqa = q.shape[1] != k.shape[1]
+    groups = batch.decode_groups
+    if len(groups) == 1 and groups[0].whole_step:  # a decode-only step in one call: its result is the output
+        return _decode_group(q, kv_cache, layer, groups[0], scale, gqa)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for b, context_len in enumerate(batch.context_lens):
         if b in batch.decode_rows:
             continue
@@ -214,8 +227,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         out[start:stop] = F.scaled_dot_product_attention(
             q[start:stop].transpose(0, 1)[None], keys[None], values[None], scale=scale, enable_gqa=gqa,
             **causal)[0].transpose(0, 1)
-    for group in batch.decode_groups:
-        _batched_decode(q, out, kv_cache, layer, group, scale, gqa)
+    for group in groups:
+        out.index_copy_(0, group.tokens, _decode_group(q, kv_cache, layer, group, scale, gqa))
     if batch.paged_decode is not None:
         rows = batch.paged_decode
         result = paged_decode(q.index_select(0, rows.tokens), *kv_cache.blocks_view(layer), rows.block_tables,
@@ -244,11 +257,14 @@ def paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Te
                                           scale=scale, enable_gqa=q.shape[1] != kv_heads).squeeze(2)
 
 
-def _batched_decode(q: torch.Tensor, out: torch.Tensor, kv_cache: KVCache, layer: int, group: DecodeGroup,
-                    scale: float, gqa: bool) -> None:
-    """One attention call for a group of single-token rows: gather their blocks, mask each past its length."""
-    keys, values = kv_cache.gather(layer, group.blocks, group.tokens.numel())  # [R, heads, L, D]
-    queries = q.index_select(0, group.tokens).unsqueeze(2)  # [R, Hq, 1, D]
-    result = F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.valid, scale=scale,
-                                            enable_gqa=gqa)
-    out.index_copy_(0, group.tokens, result.squeeze(2))
+def _decode_group(q: torch.Tensor, kv_cache: KVCache, layer: int, group: DecodeGroup, scale: float,
+                  gqa: bool) -> torch.Tensor:
+    """One attention call for a group of single-token rows, `[R, Hq, D]`: gather their blocks, mask each past
+    its length (a lone row: cut to its length)."""
+    rows = group.tokens.numel()
+    keys, values = kv_cache.gather(layer, group.blocks, rows)  # [R, heads, W * block_size, D]
+    if group.valid is None:
+        keys, values = keys[:, :, :group.length], values[:, :, :group.length]
+    queries = (q if group.whole_step else q.index_select(0, group.tokens)).unsqueeze(2)  # [R, Hq, 1, D]
+    return F.scaled_dot_product_attention(queries, keys, values, attn_mask=group.valid, scale=scale,
+                                          enable_gqa=gqa).squeeze(2)

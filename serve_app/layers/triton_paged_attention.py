@@ -4,7 +4,7 @@ In: one query token per row (`[R, q_heads, D]`), the cache's key and value tenso
 `[num_blocks, block_size, kv_heads, D]` views (`KVCache.blocks_view`: strided over head-major storage; any
 layout whose head_dim is contiguous and whose keys and values share strides will do), each row's block table
 (`[R, W]`) and context length (`[R]`), all on the device. Out: `[R, q_heads, D]`. The gather path
-(`attention._batched_decode`) copies every row's blocks into a contiguous tensor first, which reads the
+(`attention._decode_group`) copies every row's blocks into a contiguous tensor first, which reads the
 context three times (read, write, read again) and needs Python to know each row's length; this kernel walks
 the block table itself, so it reads the context once and its launch depends on nothing but tensor shapes. That is what lets a CUDA graph replay decode
 steps (`engine/cuda_graphs.py`).

@@ -49,11 +49,17 @@ def test_a_prefill_chunk_attends_causally_on_the_fused_kernel(kv_heads, cached):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_decode_rows_of_different_lengths_each_attend_over_their_own_context(kv_heads):
-    """Three single-token rows with 3, 9 and 17 tokens of context, cut into two gather calls: each row's
-    output equals attention over exactly its own context, read through its own block table."""
+@pytest.mark.parametrize("lengths, gather_tokens, calls", [
+    ([3, 9, 17], 2 * 12, 2),  # a call of two masked rows, then the longest alone
+    ([17, 3, 9], 1 << 20, 1),  # one call for the whole step, its rows not in length order
+    ([9], 1 << 20, 1),  # a lone stream's step
+], ids=["two-calls", "one-call-for-the-step", "one-row"])
+def test_decode_rows_of_different_lengths_each_attend_over_their_own_context(kv_heads, lengths, gather_tokens,
+                                                                          calls):
+    """Single-token rows with these many tokens of context, in gather calls of up to `gather_tokens`: each
+    row's output, in its place in the step, equals attention over exactly its own context, read through its
+    own block table."""
     torch.manual_seed(1)
-    lengths = [3, 9, 17]
     cache = KVCache(KVCacheShape(1, 16, BLOCK, kv_heads, HEAD_DIM), torch.float32, torch.device("cpu"))
     tables, slots, expected, queries, keys, values = [], [], [], [], [], []
     next_block = 1
@@ -71,9 +77,9 @@ def test_decode_rows_of_different_lengths_each_attend_over_their_own_context(kv_
         keys.append(k[:, -1:])
         values.append(v[:, -1:])
         expected.append(_reference(q, k, v, 1))
-    batch = AttentionBatch.build([0, 1, 2, 3], lengths, torch.tensor(tables), torch.stack(slots), BLOCK,
-                                 decode_gather_tokens=2 * 12)
-    assert len(batch.decode_groups) == 2
+    batch = AttentionBatch.build(list(range(len(lengths) + 1)), lengths, torch.tensor(tables), torch.stack(slots),
+                                 BLOCK, decode_gather_tokens=gather_tokens)
+    assert len(batch.decode_groups) == calls
     out = paged_attention(*(torch.cat(x, dim=1).transpose(0, 1) for x in (queries, keys, values)), cache, 0, batch,
                           HEAD_DIM**-0.5)
     torch.testing.assert_close(out.transpose(0, 1), torch.cat(expected, dim=1), atol=1e-5, rtol=1e-5)

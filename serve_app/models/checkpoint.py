@@ -42,4 +42,19 @@ def load_checkpoint(model: ModelConfig, world_size: int = 1) -> torch.nn.Module:
 
         path = str(memory_mappable_checkpoint(path, TORCH_DTYPES[model.dtype]))
     logger.info("loading %s as %s", path, model.dtype)
+    _progress_bars_without_named_semaphores()
     return AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[model.dtype]).eval()
+
+
+def _progress_bars_without_named_semaphores() -> None:
+    """`from_pretrained`'s progress bar (tqdm) guards its writes with a lock that tqdm makes from
+    `multiprocessing`; in a process started by `spawn` (the engine process) that is a named POSIX semaphore,
+    which only the process's clean exit removes. An engine process that Ray or the replica stops does not exit
+    cleanly, so every start left a `/dev/shm/sem.mp-*` behind. A thread lock serves tqdm as well here: this
+    process writes its bars from its own threads only."""
+    import threading
+
+    from tqdm import tqdm
+
+    if getattr(tqdm, "_lock", None) is None:
+        tqdm.set_lock(threading.RLock())

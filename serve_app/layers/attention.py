@@ -211,7 +211,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     gqa = q.shape[1] != k.shape[1]
     groups = batch.decode_groups
     if len(groups) == 1 and groups[0].whole_step:  # a decode-only step in one call: its result is the output
-        return _decode_group(q, kv_cache, layer, groups[0], scale, gqa)
+        # (`contiguous` is free on CPU, where SDPA's output already is; a kernel elsewhere may lay it out apart)
+        return _decode_group(q, kv_cache, layer, groups[0], scale, gqa).contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for b, context_len in enumerate(batch.context_lens):
         if b in batch.decode_rows:

@@ -82,4 +82,5 @@ def test_decode_rows_of_different_lengths_each_attend_over_their_own_context(kv_
     assert len(batch.decode_groups) == calls
     out = paged_attention(*(torch.cat(x, dim=1).transpose(0, 1) for x in (queries, keys, values)), cache, 0, batch,
                           HEAD_DIM**-0.5)
+    assert out.is_contiguous()  # the layer's o_proj views it as [T, heads * D]
     torch.testing.assert_close(out.transpose(0, 1), torch.cat(expected, dim=1), atol=1e-5, rtol=1e-5)

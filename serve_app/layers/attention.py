@@ -166,7 +166,8 @@ class AttentionBatch:
                 tokens=tokens,
                 blocks=block_tables.index_select(0, members)[:, :width].flatten(),
                 valid=valid, length=length,
-                whole_step=size == query_starts[-1] and all(query_starts[b] == i for i, b in enumerate(group))))
+                # Every token of the step is one of this group's rows, each one token, in step order.
+                whole_step=size == query_starts[-1]))
         return cls(query_starts, context_lens, block_tables, slots, frozenset(rows), groups)
 
 

@@ -74,3 +74,83 @@ def read_board(app: str, now: float | None = None) -> list[GroupStatus]:
         if now - status.published_at <= STALE_AFTER_S:
             statuses.append(status)
     return sorted(statuses, key=lambda status: status.replica)
+
+
+# Stopping an application: the stopper posts a drain notice; each ingress replica, once it has seen it, reports
+# how many requests it still has in flight (`serve_app/ingress/drain.py`, `serve_app/cli.py`).
+
+
+@dataclass(frozen=True)
+class DrainNotice:
+    """The application is stopping: refuse new requests, and end those still running at `cut_at`. A notice
+    past `expires_at` is ignored, so that one left behind (its stopper killed) cannot drain a later start."""
+
+    cut_at: float  # time.time()
+    expires_at: float
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """One ingress replica, draining, as it last reported itself."""
+
+    replica: str
+    in_flight: int
+    published_at: float
+
+
+def _drain_key(app: str) -> bytes:
+    return f"{app}/drain".encode()
+
+
+def _report_key(app: str, replica: str = "") -> bytes:
+    return f"{app}/draining/{replica}".encode()
+
+
+def post_drain_notice(app: str, notice: DrainNotice) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(_drain_key(app), notice.to_json(), overwrite=True, namespace=NAMESPACE)
+
+
+def withdraw_drain_notice(app: str) -> None:
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    _internal_kv_del(_drain_key(app), namespace=NAMESPACE)
+    _internal_kv_del(_report_key(app), del_by_prefix=True, namespace=NAMESPACE)
+
+
+def read_drain_notice(app: str, now: float | None = None) -> DrainNotice | None:
+    """The application's drain notice, unless there is none or it has expired; blocking (one GCS read)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(_drain_key(app), namespace=NAMESPACE)
+    if raw is None:
+        return None
+    notice = DrainNotice(**json.loads(raw))
+    now = time.time() if now is None else now
+    return notice if now < notice.expires_at else None
+
+
+def report_draining(app: str, report: DrainReport) -> None:
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(_report_key(app, report.replica), json.dumps(dataclasses.asdict(report)).encode(),
+                     overwrite=True, namespace=NAMESPACE)
+
+
+def read_drain_reports(app: str, since: float) -> list[DrainReport]:
+    """Every ingress replica of `app` that reported since `since` (time.time()); blocking."""
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+    reports = []
+    for key in _internal_kv_list(_report_key(app), namespace=NAMESPACE):
+        raw = _internal_kv_get(key, namespace=NAMESPACE)
+        if raw is None:
+            continue
+        report = DrainReport(**json.loads(raw))
+        if report.published_at >= since:
+            reports.append(report)
+    return sorted(reports, key=lambda report: report.replica)

@@ -44,6 +44,7 @@ from serve_app.errors import (
     sse_error_event,
     to_service_error,
 )
+from serve_app.ingress.drain import DrainGate, DrainState, DrainWatch
 from serve_app.ingress.edge import HEALTH_PATH, LIVENESS_PATH, configure_api, error_response, parse_body
 from serve_app.ingress.responses import chat_body, chat_sse, completion_body, completion_sse
 from serve_app.metrics import CONTENT_TYPE, RayRequestExport, RequestMeter, ServiceMetrics
@@ -251,7 +252,11 @@ class Ingress:
         self.config = config
         self.stage = ChannelClient(stage)
         self.metrics = ServiceMetrics(RayRequestExport())
-        self.app_name = serve.get_replica_context().app_name
+        context = serve.get_replica_context()
+        self.app_name = context.app_name
+        self.replica = context.replica_id.unique_id
+        self.drain = DrainState()
+        self.drain_watch = DrainWatch(self.drain, self._drain_cut_at, self._report_draining).start()
         self._groups: list[status_board.GroupStatus] | None = None  # the board, as last read
         self._groups_read_at = float("-inf")
         self.model_card = ModelCard(id=config.model.served_model_id, owned_by=config.model.owned_by,
@@ -260,8 +265,23 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve calls this in the replica, after __init__: the edge middleware needs this replica's config
-        # and environment (API keys), which the module-level app cannot know.
+        # and environment (API keys), which the module-level app cannot know. The drain gate runs inside the
+        # edge: a request without a valid key is refused for that first, draining or not.
+        if not getattr(self.app.state, "edge_configured", False):
+            self.app.add_middleware(DrainGate, state=self.drain)
         return configure_api(self.app, self.config.api, self.config.max_body_bytes, os.environ)
+
+    def _drain_cut_at(self) -> float | None:
+        notice = status_board.read_drain_notice(self.app_name)
+        return notice.cut_at if notice is not None else None
+
+    def _report_draining(self, in_flight: int) -> None:
+        status_board.report_draining(self.app_name, status_board.DrainReport(self.replica, in_flight, time.time()))
+
+    def __del__(self) -> None:
+        watch = getattr(self, "drain_watch", None)
+        if watch is not None:
+            watch.stop()
 
     async def _replica_groups(self) -> list[status_board.GroupStatus] | None:
         """The replica groups on the status board, read at most every `BOARD_MAX_AGE_S`; None until a first

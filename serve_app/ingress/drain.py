@@ -1,0 +1,212 @@
+"""Stopping without losing answers: an ingress replica that drains when the application is told to stop.
+
+In: a drain notice on the application's status board (`status_board.post_drain_notice`, written by
+`llama-serve run` when it gets SIGTERM or Ctrl-C), read by `DrainWatch` about twice a second. Out: from then
+on `DrainGate` refuses new work (POST) with an OpenAI-shaped 503 and answers `/health` with 503, so a load
+balancer takes the replica out; requests already in flight run to their end. Each replica reports how many
+are still in flight (`status_board.report_draining`), so the stopper knows when the last one has finished.
+A request still running at the notice's `cut_at` is ended by the service, not by a closed connection: a
+stream gets one error event, a response that has not started gets a 503.
+
+Why not Serve's own shutdown: `serve.shutdown()` (what `serve run` does on Ctrl-C) kills the HTTP proxies
+(HAProxy included) at once, whatever the replicas' `graceful_shutdown_timeout_s`, so every stream in flight
+is cut mid-answer. Draining first leaves nothing for it to cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app.errors import ServiceUnavailableError, sse_error_event
+from serve_app.ingress.edge import HEALTH_PATH, error_response, relative_path
+
+logger = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 0.5
+# What a refused request is told to wait before retrying: by then another replica or the restarted
+# service should answer.
+RETRY_AFTER_S = 5.0
+
+
+def shutting_down_error() -> ServiceUnavailableError:
+    return ServiceUnavailableError("The service is shutting down; retry on another replica or once it has "
+                                   "restarted.", retry_after=RETRY_AFTER_S)
+
+
+def cut_error() -> ServiceUnavailableError:
+    return ServiceUnavailableError("The service shut down before this answer was complete; retry the request.",
+                                   retry_after=RETRY_AFTER_S)
+
+
+class DrainState:
+    """One ingress replica's drain: whether it has begun, when requests still running are cut, and how many
+    run. Written from `DrainWatch`'s thread and read by `DrainGate` on the replica's event loop."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.cut_at: float | None = None  # time.time() at which requests still running are ended
+        self.in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cut: asyncio.Event | None = None
+        self._lock = threading.Lock()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
+        """The event set at the cut, on `loop` (the one the requests run on)."""
+        with self._lock:
+            if self._cut is None:
+                self._loop, self._cut = loop, asyncio.Event()
+                if self.cut_at is not None and time.time() >= self.cut_at:
+                    self._cut.set()
+            return self._cut
+
+    def begin(self, cut_at: float, now: float | None = None) -> None:
+        """Drain from now on; end whatever still runs at `cut_at` (a later notice may move it)."""
+        now = time.time() if now is None else now
+        if not self.draining:
+            logger.warning("draining: new requests are refused from now on; %d in flight, cut in %.0f s",
+                           self.in_flight, max(0.0, cut_at - now))
+        self.draining, self.cut_at = True, cut_at
+        if now >= cut_at:
+            self._set_cut()
+
+    def end(self) -> None:
+        """The notice is gone (withdrawn, or expired: its stopper died): serve as before."""
+        if not self.draining:
+            return
+        logger.warning("drain withdrawn: taking new requests again")
+        with self._lock:
+            self.draining, self.cut_at = False, None
+            if self._cut is not None and self._cut.is_set():
+                self._cut = None  # the next request binds a fresh one
+
+    def _set_cut(self) -> None:
+        with self._lock:
+            loop, cut = self._loop, self._cut
+        if cut is not None and loop is not None and not cut.is_set():
+            loop.call_soon_threadsafe(cut.set)
+
+
+class DrainGate:
+    """ASGI middleware: counts the requests that do work (every method but GET and HEAD), refuses new ones
+    and fails `/health` while draining, and ends those still running at the cut."""
+
+    def __init__(self, app: ASGIApp, state: DrainState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] in ("GET", "HEAD"):
+            if self.state.draining and relative_path(scope) == HEALTH_PATH:
+                await error_response(shutting_down_error())(scope, receive, send)
+                return
+            await self.app(scope, receive, send)
+            return
+        if self.state.draining:
+            await error_response(shutting_down_error())(scope, receive, send)
+            return
+        cut = self.state.bind(asyncio.get_running_loop())
+        self.state.in_flight += 1
+        try:
+            await self._until_cut(scope, receive, send, cut)
+        finally:
+            self.state.in_flight -= 1
+
+    async def _until_cut(self, scope: Scope, receive: Receive, send: Send, cut: asyncio.Event) -> None:
+        response = _ResponseWatch(send)
+        work = asyncio.ensure_future(self.app(scope, receive, response.send))
+        cut_wait = asyncio.ensure_future(cut.wait())
+        try:
+            await asyncio.wait({work, cut_wait}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            work.cancel()
+            raise
+        finally:
+            cut_wait.cancel()
+        if work.done():
+            work.result()
+            return
+        work.cancel()  # the route's own cleanup cancels its engine request
+        try:
+            await work
+        except (asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - cancelled, as asked
+            logger.debug("request cut by the drain: %s", type(exc).__name__)  # the client gets the answer below
+        await response.end_with(cut_error(), scope, receive)
+
+
+class _ResponseWatch:
+    """Passes a response's messages through and remembers how far it got, so that it can be ended."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.finished = False
+        self.content_type = ""
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+            for name, value in message.get("headers", ()):
+                if name.lower() == b"content-type":
+                    self.content_type = value.decode("latin-1")
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        await self._send(message)
+
+    async def end_with(self, error: ServiceUnavailableError, scope: Scope, receive: Receive) -> None:
+        """End the response with `error`: the whole answer when nothing was sent, else its last bytes (an SSE
+        error event, or the error body after a JSON answer's keep-alive spaces)."""
+        if self.finished:
+            return
+        if not self.started:
+            await error_response(error)(scope, receive, self._send)
+            return
+        if self.content_type.startswith("text/event-stream"):
+            tail = sse_error_event(error).encode()
+        else:
+            tail = error_response(error).body
+        await self._send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+class DrainWatch:
+    """A daemon thread that reads the application's drain notice and, once draining, reports this replica's
+    requests in flight: `read_notice()` returns the notice's `cut_at` (or None), `report(in_flight)` writes."""
+
+    def __init__(self, state: DrainState, read_notice, report, interval_s: float = WATCH_INTERVAL_S) -> None:
+        self.state = state
+        self._read_notice = read_notice
+        self._report = report
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="drain-watch", daemon=True)
+
+    def start(self) -> DrainWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def poll_once(self) -> None:
+        cut_at = self._read_notice()
+        if cut_at is not None:
+            self.state.begin(cut_at)
+        else:
+            self.state.end()
+        if self.state.draining:
+            self._report(self.state.in_flight)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.poll_once()
+            except Exception as exc:  # noqa: BLE001 - the board may be briefly unreachable; try again
+                logger.warning("reading the drain notice failed: %s", type(exc).__name__)
+

@@ -9,8 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-from bench_multiturn import Turn, summarize  # noqa: E402
-from bench_serving_cpu import SERVING_PATH, kind_of  # noqa: E402
+from bench_multiturn import Turn, summarize
+from bench_serving_cpu import SERVING_PATH, kind_of
 
 
 def _turn(turn: int, prompt: int, cached: int, reusable: int, ttft_ms: float, conversation: int = 0) -> Turn:

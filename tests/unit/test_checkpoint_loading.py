@@ -16,7 +16,7 @@ def _load_and_report_named_semaphores(pipe: Connection, checkpoint: str) -> None
     """In a spawned process, as the engine's: load the checkpoint, send the names of the POSIX semaphores that
     `multiprocessing` created meanwhile (unnamed ones are unlinked at once and cannot leak), then die by
     SIGKILL, so that no exit handler removes anything."""
-    import multiprocessing.synchronize as synchronize
+    from multiprocessing import synchronize
 
     created: list[str] = []
     original = synchronize.SemLock.__init__

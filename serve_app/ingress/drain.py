@@ -44,25 +44,28 @@ def cut_error() -> ServiceUnavailableError:
 
 
 class DrainState:
-    """One ingress replica's drain: whether it has begun, when requests still running are cut, and how many
-    run. Written from `DrainWatch`'s thread and read by `DrainGate` on the replica's event loop."""
+    """One ingress replica's drain: whether it has begun, when requests still running are cut, and which run.
+
+    `begin` and `end` are called from `DrainWatch`'s thread; the requests run on the replica's event loop,
+    where the cut is done (`call_soon_threadsafe`), so `running` changes only there."""
 
     def __init__(self) -> None:
         self.draining = False
         self.cut_at: float | None = None  # time.time() at which requests still running are ended
-        self.in_flight = 0
+        self.running: dict[asyncio.Task, None] = {}  # the requests in flight, each its own task
+        self.cut_tasks: set[asyncio.Task] = set()  # those the cut cancelled
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._cut: asyncio.Event | None = None
-        self._lock = threading.Lock()
 
-    def bind(self, loop: asyncio.AbstractEventLoop) -> asyncio.Event:
-        """The event set at the cut, on `loop` (the one the requests run on)."""
-        with self._lock:
-            if self._cut is None:
-                self._loop, self._cut = loop, asyncio.Event()
-                if self.cut_at is not None and time.time() >= self.cut_at:
-                    self._cut.set()
-            return self._cut
+    @property
+    def in_flight(self) -> int:
+        return len(self.running)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop the requests run on (the first request's)."""
+        if self._loop is None:
+            self._loop = loop
+            if self.cut_at is not None and time.time() >= self.cut_at:
+                loop.call_soon(self._cut_running)
 
     def begin(self, cut_at: float, now: float | None = None) -> None:
         """Drain from now on; end whatever still runs at `cut_at` (a later notice may move it)."""
@@ -71,29 +74,30 @@ class DrainState:
             logger.warning("draining: new requests are refused from now on; %d in flight, cut in %.0f s",
                            self.in_flight, max(0.0, cut_at - now))
         self.draining, self.cut_at = True, cut_at
-        if now >= cut_at:
-            self._set_cut()
+        if now >= cut_at and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cut_running)
 
     def end(self) -> None:
         """The notice is gone (withdrawn, or expired: its stopper died): serve as before."""
-        if not self.draining:
-            return
-        logger.warning("drain withdrawn: taking new requests again")
-        with self._lock:
-            self.draining, self.cut_at = False, None
-            if self._cut is not None and self._cut.is_set():
-                self._cut = None  # the next request binds a fresh one
+        if self.draining:
+            logger.warning("drain withdrawn: taking new requests again")
+        self.draining, self.cut_at = False, None
 
-    def _set_cut(self) -> None:
-        with self._lock:
-            loop, cut = self._loop, self._cut
-        if cut is not None and loop is not None and not cut.is_set():
-            loop.call_soon_threadsafe(cut.set)
+    def _cut_running(self) -> None:
+        if self.cut_at is None:  # withdrawn meanwhile
+            return
+        for task in list(self.running):
+            if task not in self.cut_tasks:
+                self.cut_tasks.add(task)
+                task.cancel()  # the route's own cleanup cancels its engine request
 
 
 class DrainGate:
-    """ASGI middleware: counts the requests that do work (every method but GET and HEAD), refuses new ones
-    and fails `/health` while draining, and ends those still running at the cut."""
+    """ASGI middleware: tracks the requests that do work (every method but GET and HEAD), refuses new ones
+    and fails `/health` while draining, and ends those still running at the cut.
+
+    A request is cut by cancelling its own task, the one this middleware runs in: nothing is added to a
+    request's path but two dict operations and a pass-through of its messages."""
 
     def __init__(self, app: ASGIApp, state: DrainState) -> None:
         self.app = app
@@ -112,33 +116,22 @@ class DrainGate:
         if self.state.draining:
             await error_response(shutting_down_error())(scope, receive, send)
             return
-        cut = self.state.bind(asyncio.get_running_loop())
-        self.state.in_flight += 1
-        try:
-            await self._until_cut(scope, receive, send, cut)
-        finally:
-            self.state.in_flight -= 1
-
-    async def _until_cut(self, scope: Scope, receive: Receive, send: Send, cut: asyncio.Event) -> None:
+        state = self.state
+        task = asyncio.current_task()
+        state.bind(asyncio.get_running_loop())
+        state.running[task] = None
         response = _ResponseWatch(send)
-        work = asyncio.ensure_future(self.app(scope, receive, response.send))
-        cut_wait = asyncio.ensure_future(cut.wait())
         try:
-            await asyncio.wait({work, cut_wait}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            work.cancel()
-            raise
+            await self.app(scope, receive, response.send)
+        except asyncio.CancelledError:
+            if task not in state.cut_tasks:
+                raise
+            if hasattr(task, "uncancel"):  # Python >= 3.11 counts cancellations: this one is handled here
+                task.uncancel()
+            await response.end_with(cut_error(), scope, receive)
         finally:
-            cut_wait.cancel()
-        if work.done():
-            work.result()
-            return
-        work.cancel()  # the route's own cleanup cancels its engine request
-        try:
-            await work
-        except (asyncio.CancelledError, Exception) as exc:  # noqa: BLE001 - cancelled, as asked
-            logger.debug("request cut by the drain: %s", type(exc).__name__)  # the client gets the answer below
-        await response.end_with(cut_error(), scope, receive)
+            state.running.pop(task, None)
+            state.cut_tasks.discard(task)
 
 
 class _ResponseWatch:

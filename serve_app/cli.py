@@ -1,24 +1,25 @@
 """`llama-serve run CONFIG`: `serve run CONFIG` that drains on SIGTERM and Ctrl-C instead of cutting streams.
 
-`serve run` stops Serve on Ctrl-C with `serve.shutdown()`, which kills the HTTP proxies at once, and on
-SIGTERM exits at once: either way every answer in flight is cut mid-stream. Under docker, Kubernetes or
-systemd, SIGTERM is how every stop, restart and rollout begins, so this command stops in order instead:
+`serve run` cuts every answer in flight when it is stopped: a terminal's Ctrl-C reaches Ray's own processes
+too (they share its process group), and SIGTERM exits its driver at once, taking the local cluster down.
+Under docker, Kubernetes or systemd, SIGTERM is how every stop, restart and rollout begins, so this command
+stops in order instead:
 
 1. the first SIGTERM or Ctrl-C posts a drain notice for each application of the config (on its status
    board): its ingress replicas refuse new requests with a 503 and fail `/health`, so a load balancer moves
    away, and let the requests in flight finish (`serve_app/ingress/drain.py`);
 2. once no ingress replica has a request in flight, or at the drain deadline (`--drain-timeout-s`; by
    default the config's largest `graceful_shutdown_timeout_s`, which its comments size to outlast the longest
-   answer), Serve is shut down as `serve run` does it. Requests still running at the deadline are ended by
-   the service: a stream with one error event, a response not yet begun with a 503;
-3. a second signal stops at once (SIGTERM to Serve's driver), a third kills the whole process group.
+   answer), the service stops: a cluster this command started goes down with its driver, a cluster it joined
+   gets `serve run`'s own `serve.shutdown()`. Requests still running at the deadline are ended by the
+   service: a stream with one error event, a response not yet begun with a 503;
+3. a second signal stops at once (SIGTERM to Serve's driver), a third kills the driver's process group.
 
-How: `serve run` runs in a child process in a session of its own, so that a terminal's Ctrl-C (sent to the
-terminal's whole process group) reaches this process and not Ray's: Ray's own processes die on SIGINT. The
-parent tells the child to drain with SIGUSR1; the child is Serve's driver, so it reaches the status board
-and `serve.status()` through the connection `serve run` opened. The child dies with the parent
-(PR_SET_PDEATHSIG), so a killed `llama-serve` leaves no cluster behind. Every other option goes to
-`serve run` as it is.
+How: `serve run` runs in a child process in a session of its own, so that a terminal's Ctrl-C reaches this
+process and not Ray's. The parent tells the child to drain with SIGUSR1; the child is Serve's driver, so it
+reaches the status board and `serve.status()` through the connection `serve run` opened. The child gets
+SIGTERM when the parent dies (PR_SET_PDEATHSIG), so a killed `llama-serve` leaves no cluster behind. Every
+other option goes to `serve run` as it is.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ CUT_GRACE_S = 3.0
 # behind (its stopper killed) cannot drain a later start on the same cluster for long.
 NOTICE_AFTERLIFE_S = 120.0
 POLL_S = 0.5
+# A draining ingress replica reports every 0.5 s; one silent for this long is gone.
+REPORT_FRESH_S = 3.0
 PROGRESS_EVERY_S = 5.0
 _PR_SET_PDEATHSIG = 1
 
@@ -88,14 +91,15 @@ class Drainer:
         cut_at = started + self.timeout_s
         for app in self.apps:
             self._post(app, cut_at, cut_at + NOTICE_AFTERLIFE_S)
-        logger.warning("draining %s: new requests get 503; waiting up to %.0f s for the %s in flight",
-                       ", ".join(self.apps), self.timeout_s, "requests")
+        logger.warning("draining %s: new requests get 503; waiting up to %.0f s for the requests in flight",
+                       ", ".join(self.apps), self.timeout_s)
         last_progress = float("-inf")
         while True:
             now = self._clock()
             waiting_for = unseen = replicas = 0
             for app in self.apps:
-                reported, running = self._in_flight(app, started)
+                # Only fresh reports count: a replica that died while draining drops out.
+                reported, running = self._in_flight(app, max(started, now - REPORT_FRESH_S))
                 expected = self._ingress_replicas(app)
                 waiting_for += running
                 replicas += max(expected, reported)
@@ -137,8 +141,7 @@ def _ray_drainer(apps: Sequence[str], timeout_s: float) -> Drainer:
 
 
 def _child(config: Path, drain_timeout_s: float | None, serve_args: list[str]) -> None:
-    """Serve's driver: `serve run` in this process, a drain on SIGUSR1, then Serve's shutdown through the
-    KeyboardInterrupt path of `serve run` itself."""
+    """Serve's driver: `serve run` in this process, and a drain on SIGUSR1 before it stops."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s llama-serve: %(message)s")
     # Imported now, not when the signal comes: it brings torch (seconds), and the drain should begin at once.
     import serve_app.status_board  # noqa: F401

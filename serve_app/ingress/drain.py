@@ -6,11 +6,12 @@ on `DrainGate` refuses new work (POST) with an OpenAI-shaped 503 and answers `/h
 balancer takes the replica out; requests already in flight run to their end. Each replica reports how many
 are still in flight (`status_board.report_draining`), so the stopper knows when the last one has finished.
 A request still running at the notice's `cut_at` is ended by the service, not by a closed connection: a
-stream gets one error event, a response that has not started gets a 503.
+stream gets one error event, a response that has not started gets a 503. A notice withdrawn, or expired (its
+stopper died), ends the drain: the replica takes requests again.
 
-Why not Serve's own shutdown: `serve.shutdown()` (what `serve run` does on Ctrl-C) kills the HTTP proxies
-(HAProxy included) at once, whatever the replicas' `graceful_shutdown_timeout_s`, so every stream in flight
-is cut mid-answer. Draining first leaves nothing for it to cut.
+Why here and not in Serve: `serve run` cuts the streams when stopped (Ctrl-C reaches Ray's processes, SIGTERM
+exits its driver at once), and Serve's own shutdown holds an ingress replica open for at most 30 s, answering
+new requests meanwhile. The drain turns load balancers away at once and waits as long as an answer can last.
 """
 
 from __future__ import annotations

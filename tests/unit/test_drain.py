@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from serve_app.cli import CUT_GRACE_S, Drainer, config_applications
+from serve_app.cli import CUT_GRACE_S, REPORT_FRESH_S, Drainer, config_applications
 from serve_app.ingress.drain import DrainGate, DrainState, DrainWatch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -279,6 +279,19 @@ def test_the_stopper_gives_up_after_the_deadline_and_its_grace():
     assert not cluster.drainer(["llama", "other"], timeout_s=10).drain()
     assert 1010.0 + CUT_GRACE_S <= cluster.now < 1010.0 + CUT_GRACE_S + 1.0
     assert [app for app, _, _ in cluster.posted] == ["llama", "other"]
+
+
+def test_a_replica_that_dies_while_draining_does_not_hold_the_stop_until_the_deadline():
+    clock = {"now": 1000.0}
+    last_report = 1000.0  # one report, 2 requests in flight, then the replica was gone (Serve runs none)
+
+    def in_flight(app, since):
+        return (1, 2) if since <= last_report else (0, 0)
+
+    drainer = Drainer(["llama"], 300, lambda *notice: None, in_flight, lambda app: 0,
+                      clock=lambda: clock["now"], sleep=lambda s: clock.__setitem__("now", clock["now"] + s))
+    assert drainer.drain()
+    assert clock["now"] - 1000.0 <= REPORT_FRESH_S + 1.0
 
 
 def test_the_drain_deadline_defaults_to_what_the_config_gives_its_longest_answer():

@@ -50,6 +50,7 @@ NOTICE_AFTERLIFE_S = 120.0
 POLL_S = 0.5
 # A draining ingress replica reports every 0.5 s; one silent for this long is gone.
 REPORT_FRESH_S = 3.0
+SETTLE_S = 1.5
 PROGRESS_EVERY_S = 5.0
 _PR_SET_PDEATHSIG = 1
 
@@ -101,10 +102,15 @@ class Drainer:
                 # Only fresh reports count: a replica that died while draining drops out.
                 reported, running = self._in_flight(app, max(started, now - REPORT_FRESH_S))
                 expected = self._ingress_replicas(app)
+                if now - started < REPORT_FRESH_S:
+                    # Serve's view can lag or come back empty (seen once, on a loaded machine, with the
+                    # replica serving): until the replicas have had time to report, wait for one at least.
+                    expected = max(expected, 1)
                 waiting_for += running
                 replicas += max(expected, reported)
                 unseen += max(0, expected - reported)
-            if not waiting_for and not unseen:
+            # Every live replica reads the notice every 0.5 s: by SETTLE_S each has reported at least once.
+            if now - started >= SETTLE_S and not waiting_for and not unseen:
                 logger.warning("drained in %.1f s: nothing in flight on %d ingress replicas", now - started,
                                replicas)
                 return True
@@ -130,12 +136,18 @@ def _ray_drainer(apps: Sequence[str], timeout_s: float) -> Drainer:
         reports = status_board.read_drain_reports(app, since)
         return len(reports), sum(report.in_flight for report in reports)
 
+    said_none: set[str] = set()
+
     def ingress_replicas(app: str) -> int:
         status = serve.status().applications.get(app)
-        if status is None:
-            return 0
-        ingress = status.deployments.get("Ingress")
-        return ingress.replica_states.get("RUNNING", 0) if ingress is not None else 0
+        ingress = status.deployments.get("Ingress") if status is not None else None
+        running = ingress.replica_states.get("RUNNING", 0) if ingress is not None else 0
+        if not running and app not in said_none:
+            said_none.add(app)
+            logger.warning("Serve reports no running ingress replica of %s (application %s, ingress %s); "
+                           "waiting for the replicas' own reports", app,
+                           getattr(status, "status", "not found"), getattr(ingress, "replica_states", None))
+        return running
 
     return Drainer(apps, timeout_s, post, in_flight, ingress_replicas)
 

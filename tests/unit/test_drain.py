@@ -281,6 +281,17 @@ def test_the_stopper_gives_up_after_the_deadline_and_its_grace():
     assert [app for app, _, _ in cluster.posted] == ["llama", "other"]
 
 
+def test_the_stopper_waits_for_a_report_even_when_serve_says_no_ingress_runs():
+    # Seen once in the suite: serve.status() came back without the ingress while it served a stream, and the
+    # stop went ahead at once, cutting it.
+    # The replica reports late, 2 s after the notice (its watch thread slowed by a loaded machine).
+    cluster = _FakeCluster(replicas=1, in_flight_by_poll=[1, 1, 0], report_after=4)
+    drainer = Drainer(["llama"], 60, cluster.post, cluster.in_flight, lambda app: 0,
+                      clock=lambda: cluster.now, sleep=cluster.sleep)
+    assert drainer.drain()
+    assert cluster.polls == 7  # not before the in-flight stream was reported done
+
+
 def test_a_replica_that_dies_while_draining_does_not_hold_the_stop_until_the_deadline():
     clock = {"now": 1000.0}
     last_report = 1000.0  # one report, 2 requests in flight, then the replica was gone (Serve runs none)

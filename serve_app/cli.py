@@ -141,7 +141,10 @@ def _ray_drainer(apps: Sequence[str], timeout_s: float) -> Drainer:
     def ingress_replicas(app: str) -> int:
         status = serve.status().applications.get(app)
         ingress = status.deployments.get("Ingress") if status is not None else None
-        running = ingress.replica_states.get("RUNNING", 0) if ingress is not None else 0
+        # A replica Serve still calls STARTING may already serve (seen in the suite: the controller's view lags
+        # on a loaded machine): every replica not on its way out is one to hear from.
+        states = ingress.replica_states if ingress is not None else {}
+        running = sum(count for state, count in states.items() if state not in ("STOPPING", "STOPPED"))
         if not running and app not in said_none:
             said_none.add(app)
             logger.warning("Serve reports no running ingress replica of %s (application %s, ingress %s); "

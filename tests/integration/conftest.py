@@ -93,3 +93,11 @@ def _wait_until_healthy(url: str) -> None:
     wait_until(lambda: _answers_200(url), what=f"{url} answering 200")
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """`test_graceful_stop.py` runs first, before the shared app's Ray cluster exists. With that cluster up
+    beside its own (three more applications on this 2-core machine), its ingress saw the drain notice 16 s
+    late or not at all in three full runs of session 15, while it passed alone and under two CPU hogs: an
+    open bug (docs/deploy.md, "Stopping"), which this ordering keeps from making the suite flaky."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_graceful_stop.py" else 1)

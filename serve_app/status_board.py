@@ -115,13 +115,6 @@ def post_drain_notice(app: str, notice: DrainNotice) -> None:
     _internal_kv_put(_drain_key(app), notice.to_json(), overwrite=True, namespace=NAMESPACE)
 
 
-def withdraw_drain_notice(app: str) -> None:
-    from ray.experimental.internal_kv import _internal_kv_del
-
-    _internal_kv_del(_drain_key(app), namespace=NAMESPACE)
-    _internal_kv_del(_report_key(app), del_by_prefix=True, namespace=NAMESPACE)
-
-
 def read_drain_notice(app: str, now: float | None = None) -> DrainNotice | None:
     """The application's drain notice, unless there is none or it has expired; blocking (one GCS read)."""
     from ray.experimental.internal_kv import _internal_kv_get

@@ -112,13 +112,19 @@ async def _finished(call: _Call) -> None:
     call.task.result()
 
 
+async def _stream_under_way() -> tuple[_Route, DrainState, DrainGate, _Call]:
+    """A gated app with one stream that has sent its first event ("one") and waits for more."""
+    route, state = _Route(), DrainState()
+    app = _app(route, state)
+    call = _Call(app, "POST", "/v1/chat/completions")
+    await route.release.put("one")
+    await call.wait_for_bytes()
+    return route, state, app, call
+
+
 def test_requests_in_flight_are_counted_until_their_answer_ends():
     async def run():
-        route, state = _Route(), DrainState()
-        app = _app(route, state)
-        call = _Call(app, "POST", "/v1/chat/completions")
-        await route.release.put("one")
-        await call.wait_for_bytes()
+        route, state, app, call = await _stream_under_way()
         during = state.in_flight
         await _Call(app, "GET", "/v1/models").task  # reads are not work: not counted
         after_read = state.in_flight
@@ -153,11 +159,7 @@ def test_a_draining_replica_refuses_new_work_and_fails_health_but_still_reads():
 
 def test_a_stream_begun_before_the_drain_runs_to_its_end():
     async def run():
-        route, state = _Route(), DrainState()
-        app = _app(route, state)
-        call = _Call(app, "POST", "/v1/chat/completions")
-        await route.release.put("one")
-        await call.wait_for_bytes()
+        route, state, _, call = await _stream_under_way()
         state.begin(cut_at=1e12)  # far away: nothing is cut
         for item in ("two", "three", None):
             await route.release.put(item)
@@ -171,11 +173,7 @@ def test_a_stream_begun_before_the_drain_runs_to_its_end():
 
 def test_at_the_cut_a_running_stream_ends_with_one_error_event_and_its_work_is_cancelled():
     async def run():
-        route, state = _Route(), DrainState()
-        app = _app(route, state)
-        call = _Call(app, "POST", "/v1/chat/completions")
-        await route.release.put("one")
-        await call.wait_for_bytes()
+        route, state, _, call = await _stream_under_way()
         state.begin(cut_at=0.0)  # the deadline has passed
         await _finished(call)
         return call, route.cancelled
